@@ -1,0 +1,64 @@
+"""The contract every kdlab detector follows (GFL here; RetinaNet, FCOS, Faster R-CNN in the zoo).
+
+A detector is an ``nn.Module`` with
+
+- ``forward(images, image_sizes, targets=None) -> output``: ``images`` is a normalised, padded
+  batch ``[B, 3, H, W]``; ``image_sizes`` the ``(h, w)`` of each unpadded image; ``targets``
+  (training) a list of dicts with ``boxes`` ``[G, 4]`` xyxy input pixels and ``labels`` ``[G]``
+  contiguous. The output (e.g. :class:`~kdlab.models.outputs.DenseOutput`) holds features, raw
+  head outputs, anchors/points and, when targets were given, the label assignment.
+- ``postprocess(output) -> list[dict]``: per image ``boxes`` ``[K, 4]`` xyxy input pixels,
+  ``scores`` ``[K]``, ``labels`` ``[K]`` contiguous.
+- ``build_criterion() -> Criterion``: the detection loss, a separate module.
+
+A :class:`Criterion` returns *unweighted* named loss terms; its ``weight_dict`` says how the
+training loop weights them (DETR's convention), so every term can be logged both ways.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Criterion(nn.Module):
+    """Detection loss. ``forward(output, targets) -> {name: unweighted scalar}``.
+
+    Attributes:
+        weight_dict: ``{name: weight}``; the total loss is ``sum(weight_dict[k] * terms[k])``.
+    """
+
+    weight_dict: dict[str, float]
+
+    def forward(self, output, targets: list[dict]) -> dict[str, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+class Detector(nn.Module):
+    """Base class of kdlab detectors (see the module docstring for the contract)."""
+
+    num_classes: int
+
+    def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None):  # pragma: no cover
+        raise NotImplementedError
+
+    def postprocess(self, output) -> list[dict[str, Tensor]]:  # pragma: no cover
+        raise NotImplementedError
+
+    def build_criterion(self) -> Criterion:  # pragma: no cover
+        raise NotImplementedError
+
+
+def weighted_total(terms: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
+    """``sum_k weight_dict[k] * terms[k]`` over the terms that have a weight."""
+    missing = [k for k in terms if k not in weight_dict]
+    if missing:
+        raise KeyError(f"loss terms {missing} have no entry in weight_dict {sorted(weight_dict)}")
+    total = None
+    for name, value in terms.items():
+        w = weight_dict[name]
+        if w == 0:
+            continue
+        total = value * w if total is None else total + value * w
+    if total is None:  # every weight is zero: keep the graph connected for DDP
+        total = sum(v * 0.0 for v in terms.values())
+    return total
