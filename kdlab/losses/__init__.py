@@ -1,0 +1,5 @@
+"""Losses, one equation per function (the equation is in each docstring)."""
+
+from kdlab.losses.gfl import distance_to_distribution, distribution_focal_loss, integral, quality_focal_loss
+
+__all__ = ["integral", "distance_to_distribution", "distribution_focal_loss", "quality_focal_loss"]

@@ -1,0 +1,154 @@
+"""ResNet backbones (torchvision's, or narrow ones for CPU) with an FPN P3-P7 on top.
+
+``width=64`` is torchvision's ResNet exactly (same module names, so ImageNet weights from
+torchvision's weights API load); smaller widths build the same architecture with
+``width * (1, 2, 4, 8)`` channels per stage, which is what the CPU "quick" configurations use.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet as tv_resnet
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+RESNET_SPECS = {
+    "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (tv_resnet.Bottleneck, [3, 4, 23, 3]),
+}
+
+
+def group_norm(num_channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups, or fewer (channels / 4) for narrow layers."""
+    return nn.GroupNorm(min(32, max(1, num_channels // 4)), num_channels)
+
+
+def norm_layer_factory(norm: str):
+    """``"frozen_bn"`` (pretrained backbones), ``"bn"``, ``"gn"`` (per-sample: DDP == big batch)."""
+    if norm == "frozen_bn":
+        return FrozenBatchNorm2d
+    if norm == "bn":
+        return nn.BatchNorm2d
+    if norm == "gn":
+        return group_norm
+    raise ValueError(f"backbone_norm must be 'frozen_bn', 'bn' or 'gn', got {norm!r}")
+
+
+def load_torchvision_weights(weights_name: str, builder_weights_enum) -> dict[str, Tensor]:
+    """State dict of a torchvision weights entry, from ``$TORCH_HOME`` or by download.
+
+    Raises a clear ``RuntimeError`` naming the file, its URL and where to put it when the file is not
+    cached and cannot be downloaded (this machine may have no internet).
+    """
+    try:
+        weights = builder_weights_enum[weights_name]
+    except KeyError:
+        valid = [w.name for w in builder_weights_enum]
+        raise ValueError(f"unknown weights {weights_name!r} for {builder_weights_enum.__name__}; valid: {valid}") from None
+    url = weights.url
+    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
+    file = cache_dir / os.path.basename(url)
+    try:
+        return weights.get_state_dict(progress=False, check_hash=False)
+    except Exception as exc:  # URLError, HTTPError, socket errors: all mean "not available here"
+        raise RuntimeError(
+            f"could not load {builder_weights_enum.__name__}.{weights_name}: the file {file.name} is not in "
+            f"{cache_dir} and downloading {url} failed ({type(exc).__name__}: {exc}). Download it on a machine "
+            f"with internet and place it at {file} (set TORCH_HOME to choose the cache directory)."
+        ) from exc
+
+
+class ResNetBody(nn.Module):
+    """torchvision's ResNet trunk (no avgpool/fc) with a configurable base width.
+
+    Returns C3, C4, C5 (strides 8, 16, 32).
+    """
+
+    def __init__(self, depth: str = "resnet18", width: int = 64, norm: str = "frozen_bn"):
+        super().__init__()
+        if depth not in RESNET_SPECS:
+            raise ValueError(f"backbone must be one of {sorted(RESNET_SPECS)}, got {depth!r}")
+        block, layers = RESNET_SPECS[depth]
+        self._norm_layer = norm_layer_factory(norm)
+        self.inplanes = width
+        self.dilation = 1
+        self.groups, self.base_width = 1, 64  # torchvision's Bottleneck arguments
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        # torchvision's ResNet._make_layer only reads the attributes set above
+        make_layer = tv_resnet.ResNet._make_layer
+        self.layer1 = make_layer(self, block, width, layers[0])
+        self.layer2 = make_layer(self, block, width * 2, layers[1], stride=2)
+        self.layer3 = make_layer(self, block, width * 4, layers[2], stride=2)
+        self.layer4 = make_layer(self, block, width * 8, layers[3], stride=2)
+        self.out_channels = [width * 2 * block.expansion, width * 4 * block.expansion, width * 8 * block.expansion]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def freeze_stages(self, frozen_stages: int) -> None:
+        """Freeze the stem (``>= 0``) and ``layer1 .. layer{frozen_stages}`` (mmdet's convention)."""
+        if frozen_stages < 0:
+            return
+        modules = [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, frozen_stages + 1)]
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)
+        c4 = self.layer3(c3)
+        c5 = self.layer4(c4)
+        return [c3, c4, c5]
+
+
+class ResNetFPN(nn.Module):
+    """ResNet C3-C5 -> FPN P3-P5 plus P6, P7 from P5 (RetinaNet/GFL layout, strides 8..128)."""
+
+    strides = (8, 16, 32, 64, 128)
+
+    def __init__(
+        self,
+        depth: str = "resnet50",
+        width: int = 64,
+        norm: str = "frozen_bn",
+        fpn_channels: int = 256,
+        weights: str | None = None,
+        frozen_stages: int | None = None,
+    ):
+        super().__init__()
+        self.body = ResNetBody(depth, width, norm)
+        if weights is not None:
+            if width != 64:
+                raise ValueError(f"backbone_weights={weights!r} needs backbone_width=64 (torchvision's ResNet), got {width}")
+            enum = tv_resnet.__dict__[{"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
+                                       "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[depth]]
+            state = load_torchvision_weights(weights, enum)
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            missing, unexpected = self.body.load_state_dict(state, strict=False)
+            bad_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+            if bad_missing or unexpected:
+                raise RuntimeError(f"ImageNet weights do not match {depth}: missing {bad_missing}, unexpected {unexpected}")
+        if frozen_stages is None:
+            frozen_stages = 1 if weights is not None else -1
+        self.body.freeze_stages(frozen_stages)
+        self.fpn = FeaturePyramidNetwork(
+            self.body.out_channels, fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels)
+        )
+        self.out_channels = fpn_channels
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        c3, c4, c5 = self.body(images)
+        pyramid = self.fpn(OrderedDict([("c3", c3), ("c4", c4), ("c5", c5)]))
+        return list(pyramid.values())  # P3, P4, P5, P6, P7

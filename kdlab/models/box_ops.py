@@ -1,0 +1,64 @@
+"""Box helpers not in ``torchvision.ops``: aligned IoU and the point <-> (l, t, r, b) encoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """IoU of ``boxes1[i]`` with ``boxes2[i]`` (``[..., 4]`` xyxy each) -> ``[...]``.
+
+    ``torchvision.ops.box_iou`` is pairwise (``[N, M]``); losses need the element-wise version.
+    """
+    lt = torch.maximum(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.minimum(boxes1[..., 2:], boxes2[..., 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    area1 = (boxes1[..., 2] - boxes1[..., 0]).clamp(min=0) * (boxes1[..., 3] - boxes1[..., 1]).clamp(min=0)
+    area2 = (boxes2[..., 2] - boxes2[..., 0]).clamp(min=0) * (boxes2[..., 3] - boxes2[..., 1]).clamp(min=0)
+    return inter / (area1 + area2 - inter).clamp(min=eps)
+
+
+def distance2bbox(points: Tensor, distances: Tensor) -> Tensor:
+    """Decode ``(l, t, r, b)`` distances from ``points`` ``(x, y)`` into xyxy boxes.
+
+    Args:
+        points: ``[..., 2]`` location centres.
+        distances: ``[..., 4]`` non-negative distances to the left, top, right, bottom edges
+            (same unit as ``points``).
+    """
+    x, y = points[..., 0], points[..., 1]
+    return torch.stack(
+        [x - distances[..., 0], y - distances[..., 1], x + distances[..., 2], y + distances[..., 3]], dim=-1
+    )
+
+
+def bbox2distance(points: Tensor, boxes: Tensor, max_distance: float | None = None) -> Tensor:
+    """Inverse of :func:`distance2bbox`: ``(l, t, r, b)`` from ``points`` to the edges of ``boxes``.
+
+    With ``max_distance`` the result is clamped to ``[0, max_distance]`` (GFL clamps its DFL targets to
+    ``reg_max - 0.01`` so that the right-hand bin ``floor(y) + 1`` always exists).
+    """
+    x, y = points[..., 0], points[..., 1]
+    ltrb = torch.stack([x - boxes[..., 0], y - boxes[..., 1], boxes[..., 2] - x, boxes[..., 3] - y], dim=-1)
+    if max_distance is not None:
+        ltrb = ltrb.clamp(min=0, max=max_distance)
+    return ltrb
+
+
+def diou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
+    """Pairwise Distance-IoU ``IoU - d^2 / c^2`` -> ``[N, M]`` (d: centre distance, c: enclosing diagonal).
+
+    LD's valuable localization region is defined with the DIoU of every anchor with each GT.
+    """
+    from torchvision.ops import box_iou
+
+    iou = box_iou(boxes1, boxes2)
+    c1 = (boxes1[:, None, :2] + boxes1[:, None, 2:]) / 2
+    c2 = (boxes2[None, :, :2] + boxes2[None, :, 2:]) / 2
+    centre_dist2 = ((c1 - c2) ** 2).sum(-1)
+    lt = torch.minimum(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.maximum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    diag2 = ((rb - lt) ** 2).sum(-1)
+    return iou - centre_dist2 / (diag2 + eps)
