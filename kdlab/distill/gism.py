@@ -1,0 +1,216 @@
+"""General Instance Selection Module (GISM) of GID (Dai et al., CVPR 2021; METHODS.md §2).
+
+Teacher and student dense heads share their anchor/location layout, so prediction slot ``r`` of
+the teacher and slot ``r`` of the student look at the same place. GISM keeps the slots where the
+two *disagree* most, without looking at the ground truth: the selected boxes ("general
+instances", GIs) can be objects, parts of objects or pure background.
+
+Per image and every iteration:
+
+1. GI score of each slot ``r`` (:func:`general_instance_scores`), the paper's
+   ``P_GI^r = max_c |P_t^{rc} - P_s^{rc}|`` or the released code's ``|max_c P_t^{rc} - max_c P_s^{rc}|``;
+2. GI box: the teacher's decoded box if ``max_c P_t^{rc} > max_c P_s^{rc}``, else the student's;
+3. keep the ``pre_nms_topk`` (3000) best, clip to the image, drop boxes with a side below
+   ``min_size``, class-agnostic NMS at IoU 0.3, keep the best ``k`` (10).
+
+For Faster R-CNN the class scores are replaced by the RPN objectness ``P = σ(objectness)`` and
+the boxes are the RPN's decoded anchors (:func:`gism_inputs`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+
+from kdlab.models.outputs import DenseOutput
+
+GI_SCORE_VARIANTS = ("paper", "official")
+# kinds returned by general_instance_kinds (the paper's Fig. 4 colours)
+GI_POSITIVE, GI_SEMI, GI_BACKGROUND = 0, 1, 2
+GI_KIND_NAMES = ("positive", "semi-positive", "background")
+
+
+@dataclass
+class GeneralInstances:
+    """The general instances of one batch, per image (everything detached).
+
+    Attributes:
+        boxes: per image ``[K_i, 4]`` xyxy GI boxes in input pixels, best score first (``K_i <= k``).
+        scores: per image ``[K_i]`` GI scores.
+        from_teacher: per image ``[K_i]`` bool, ``True`` where the box is the teacher's prediction.
+        slots: per image ``[K_i]`` int64 index of the prediction slot each GI came from.
+    """
+
+    boxes: list[Tensor]
+    scores: list[Tensor]
+    from_teacher: list[Tensor]
+    slots: list[Tensor]
+
+    @property
+    def counts(self) -> list[int]:
+        """Number of GIs of each image."""
+        return [int(b.shape[0]) for b in self.boxes]
+
+
+def gism_inputs(output) -> tuple[Tensor, Tensor]:
+    """Per-slot probabilities and decoded boxes that GISM compares.
+
+    Args:
+        output: a :class:`~kdlab.models.outputs.DenseOutput` (RetinaNet, FCOS, GFL), or a two-stage
+            output with RPN fields ``rpn_objectness`` ``[B, N]`` and ``rpn_boxes`` ``[B, N, 4]``
+            (Faster R-CNN: GISM runs on the RPN).
+
+    Returns:
+        ``probs`` ``[B, N, C]`` (``C = 1`` for the RPN) and ``boxes`` ``[B, N, 4]``, both detached.
+    """
+    if isinstance(output, DenseOutput):
+        return output.cls_logits.detach().float().sigmoid(), output.pred_boxes.detach().float()
+    if hasattr(output, "rpn_objectness") and hasattr(output, "rpn_boxes"):
+        return output.rpn_objectness.detach().float().sigmoid()[..., None], output.rpn_boxes.detach().float()
+    raise TypeError(
+        f"GISM needs a DenseOutput or a two-stage output with rpn_objectness/rpn_boxes, got {type(output).__name__}"
+    )
+
+
+def general_instance_scores(teacher_probs: Tensor, student_probs: Tensor, variant: str = "paper") -> tuple[Tensor, Tensor]:
+    """GI score of every slot, and which side's box it would take.
+
+    ``paper``:    ``P_GI^r = max_c |P_t^{rc} - P_s^{rc}|``
+    ``official``: ``P_GI^r = |max_c P_t^{rc} - max_c P_s^{rc}|`` (the released reproduction)
+
+    Box choice (both variants): ``B_GI^r = B_t^r`` if ``max_c P_t^{rc} > max_c P_s^{rc}`` else ``B_s^r``.
+
+    Args:
+        teacher_probs: ``[..., N, C]`` teacher class probabilities ``σ(logits)``.
+        student_probs: ``[..., N, C]`` student class probabilities.
+        variant: ``"paper"`` or ``"official"``.
+
+    Returns:
+        ``scores`` ``[..., N]`` and ``teacher_higher`` ``[..., N]`` bool.
+    """
+    if variant not in GI_SCORE_VARIANTS:
+        raise ValueError(f"GI score variant must be one of {GI_SCORE_VARIANTS}, got {variant!r}")
+    if teacher_probs.shape != student_probs.shape:
+        raise ValueError(
+            f"teacher and student predictions must correspond slot by slot: teacher {tuple(teacher_probs.shape)}, "
+            f"student {tuple(student_probs.shape)} (same strides, anchors, classes and input size needed)"
+        )
+    teacher_max = teacher_probs.max(dim=-1).values
+    student_max = student_probs.max(dim=-1).values
+    if variant == "paper":
+        scores = (teacher_probs - student_probs).abs().max(dim=-1).values
+    else:
+        scores = (teacher_max - student_max).abs()
+    return scores, teacher_max > student_max
+
+
+def select_from_scores(
+    scores: Tensor,
+    boxes: Tensor,
+    from_teacher: Tensor,
+    image_size: tuple[int, int],
+    *,
+    k: int = 10,
+    nms_iou: float = 0.3,
+    pre_nms_topk: int = 3000,
+    min_size: float = 10.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """GISM's filtering for one image: top-``pre_nms_topk``, clip, min size, NMS, top-``k``.
+
+    Args:
+        scores: ``[N]`` GI scores.
+        boxes: ``[N, 4]`` GI boxes (xyxy input pixels).
+        from_teacher: ``[N]`` bool, whether each box is the teacher's.
+        image_size: ``(h, w)`` of the unpadded image (boxes are clipped to it).
+        k: GIs kept after NMS.
+        nms_iou: IoU threshold of the class-agnostic NMS.
+        pre_nms_topk: best slots kept before NMS.
+        min_size: boxes with a side shorter than this (pixels, after clipping) are dropped.
+
+    Returns:
+        ``(boxes [K, 4], scores [K], from_teacher [K], slots [K])``, best score first, ``K <= k``.
+    """
+    slots = scores.topk(min(pre_nms_topk, scores.numel())).indices  # sorted, best first
+    kept_boxes = clip_boxes_to_image(boxes[slots], tuple(image_size))
+    finite = torch.isfinite(kept_boxes).all(dim=1)
+    keep = remove_small_boxes(kept_boxes, min_size)
+    keep = keep[finite[keep]]
+    slots, kept_boxes = slots[keep], kept_boxes[keep]
+    keep = nms(kept_boxes, scores[slots], nms_iou)[:k]
+    slots = slots[keep]
+    return kept_boxes[keep], scores[slots], from_teacher[slots], slots
+
+
+@torch.no_grad()
+def select_general_instances(
+    teacher_out,
+    student_out,
+    *,
+    k: int = 10,
+    nms_iou: float = 0.3,
+    pre_nms_topk: int = 3000,
+    min_size: float = 10.0,
+    variant: str = "paper",
+) -> GeneralInstances:
+    """Select the general instances of a batch (GISM, see the module docstring).
+
+    Args:
+        teacher_out: the teacher's output (``DenseOutput``, or a two-stage output with RPN fields).
+        student_out: the student's output, same kind and slot layout.
+        k: GIs per image (10 in the paper).
+        nms_iou: NMS IoU threshold (0.3).
+        pre_nms_topk: slots kept before NMS (3000).
+        min_size: smallest GI box side in input pixels (10 in the released code).
+        variant: GI score, ``"paper"`` (``max_c |P_t - P_s|``) or ``"official"`` (``|max P_t - max P_s|``).
+
+    Returns:
+        :class:`GeneralInstances` with per-image boxes, scores, side and slot.
+    """
+    if k < 1 or pre_nms_topk < 1:
+        raise ValueError(f"k and pre_nms_topk must be >= 1, got k={k}, pre_nms_topk={pre_nms_topk}")
+    if not 0.0 < nms_iou <= 1.0:
+        raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
+    if type(teacher_out) is not type(student_out):
+        raise TypeError(f"teacher output is a {type(teacher_out).__name__} but student output is a {type(student_out).__name__}")
+    teacher_probs, teacher_boxes = gism_inputs(teacher_out)
+    student_probs, student_boxes = gism_inputs(student_out)
+    scores, teacher_higher = general_instance_scores(teacher_probs, student_probs, variant)  # [B, N]
+    gi_boxes = torch.where(teacher_higher[..., None], teacher_boxes, student_boxes)  # [B, N, 4]
+    image_sizes = student_out.image_sizes
+    if len(image_sizes) != scores.shape[0]:
+        raise ValueError(f"the output has {len(image_sizes)} image_sizes for a batch of {scores.shape[0]} images")
+    result = GeneralInstances([], [], [], [])
+    for b, size in enumerate(image_sizes):
+        boxes, gi_scores, side, slots = select_from_scores(
+            scores[b], gi_boxes[b], teacher_higher[b], size, k=k, nms_iou=nms_iou, pre_nms_topk=pre_nms_topk, min_size=min_size
+        )
+        result.boxes.append(boxes)
+        result.scores.append(gi_scores)
+        result.from_teacher.append(side)
+        result.slots.append(slots)
+    return result
+
+
+def general_instance_kinds(gi_boxes: Tensor, gt_boxes: Tensor, positive_iou: float = 0.7, background_iou: float = 0.3) -> Tensor:
+    """Relation of each GI to the ground truth, as the paper colours them.
+
+    ``positive`` if ``max_g IoU(GI, g) >= positive_iou``, ``background`` if ``< background_iou``,
+    ``semi-positive`` in between. GISM never uses this: it is for analysis and the notebook.
+
+    Args:
+        gi_boxes: ``[K, 4]`` GI boxes.
+        gt_boxes: ``[G, 4]`` ground-truth boxes (``G`` may be 0: every GI is background).
+
+    Returns:
+        ``[K]`` int64 in ``{GI_POSITIVE, GI_SEMI, GI_BACKGROUND}``.
+    """
+    best_iou = gi_boxes.new_zeros(gi_boxes.shape[0])
+    if gt_boxes.numel() and gi_boxes.numel():
+        best_iou = box_iou(gi_boxes.float(), gt_boxes.float()).max(dim=1).values
+    kinds = torch.full((gi_boxes.shape[0],), GI_SEMI, dtype=torch.int64, device=gi_boxes.device)
+    kinds[best_iou >= positive_iou] = GI_POSITIVE
+    kinds[best_iou < background_iou] = GI_BACKGROUND
+    return kinds

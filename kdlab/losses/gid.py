@@ -1,0 +1,167 @@
+"""GID's three distillation losses and its response masks (METHODS.md §2), one equation per function.
+
+Notation: ``K`` general instances (GIs), ``f_t^k``/``f_s^k`` their RoIAligned teacher/student
+features (``C x S x S``), ``M`` masked head outputs. Every normaliser can be given explicitly so
+that the distiller can pass a count averaged over processes (``kdlab.utils.dist.reduce_mean``):
+then a run on ``W`` processes equals one process with the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou
+
+
+def zero_with_grad(*tensors: Tensor) -> Tensor:
+    """A scalar 0 that still depends on ``tensors`` (DDP needs every parameter in the graph)."""
+    return sum(t.sum() * 0.0 for t in tensors)
+
+
+def gi_feature_loss(teacher_features: Tensor, student_features: Tensor, num_instances: Tensor | float | None = None) -> Tensor:
+    """Feature-based loss: squared L2 between GI features, averaged over GIs and cells.
+
+    ``L_feature = 1 / (K S²) Σ_k Σ_{cells} ||f_t^k − f_s^k||²`` (the squared norm runs over channels).
+
+    Args:
+        teacher_features: ``[K, C, S, S]`` pooled teacher features.
+        student_features: ``[K, C, S, S]`` pooled (and adapted) student features.
+        num_instances: ``K`` to divide by (default: ``teacher_features.shape[0]``, at least 1).
+
+    Returns:
+        scalar loss (0 when ``K == 0``).
+    """
+    if teacher_features.shape != student_features.shape:
+        raise ValueError(
+            f"GI feature shapes differ: teacher {tuple(teacher_features.shape)}, student {tuple(student_features.shape)} "
+            "(an adapter must map the student's channels to the teacher's)"
+        )
+    if teacher_features.shape[0] == 0:
+        return zero_with_grad(student_features)
+    cells = teacher_features.shape[-2] * teacher_features.shape[-1]
+    if num_instances is None:
+        num_instances = teacher_features.shape[0]
+    return (student_features - teacher_features).pow(2).sum() / (torch.as_tensor(num_instances).clamp(min=1) * cells)
+
+
+def normalized_distances(features: Tensor, eps: float = 1e-12) -> Tensor:
+    """Pairwise Euclidean distances divided by their off-diagonal mean.
+
+    ``ψ(f^i, f^j) = ||f^i − f^j||₂ / μ``, ``μ = 1 / (K² − K) Σ_{i≠j} ||f^i − f^j||₂``.
+
+    Args:
+        features: ``[K, D]`` flattened GI features (``K >= 2``).
+
+    Returns:
+        ``[K, K]`` normalised distances (0 on the diagonal); scaling ``features`` leaves it unchanged.
+    """
+    num = features.shape[0]
+    # ||a − b||² = ||a||² + ||b||² − 2 a·b: no [K, K, D] intermediate (K can be 10 x batch size);
+    # the clamp keeps sqrt's gradient finite at zero distances (the diagonal)
+    features = features - features.mean(dim=0, keepdim=True)  # distances are shift-invariant; less cancellation
+    sq_norms = features.pow(2).sum(dim=1)
+    squared = sq_norms[:, None] + sq_norms[None, :] - 2.0 * features @ features.T
+    off_diagonal = ~torch.eye(num, dtype=torch.bool, device=features.device)
+    distances = squared.clamp(min=eps).sqrt() * off_diagonal
+    mean_distance = distances.sum() / (num * num - num)
+    return distances / mean_distance.clamp(min=eps)
+
+
+def gi_relation_loss(teacher_features: Tensor, student_features: Tensor, beta: float = 1.0) -> Tensor:
+    """Relation-based loss over the ``K² − K`` ordered GI pairs of one group.
+
+    ``L_relation = 1 / (K² − K) Σ_{i≠j} smoothL1_β( ψ(f_t^i, f_t^j) − ψ(f_s^i, f_s^j) )``, ``β = 1``,
+    with ``ψ`` from :func:`normalized_distances`. Teacher and student may have different
+    feature sizes: each network's distances are computed in its own space.
+
+    Args:
+        teacher_features: ``[K, ...]`` teacher GI features (flattened inside).
+        student_features: ``[K, ...]`` student GI features.
+        beta: smooth-L1 transition point.
+
+    Returns:
+        scalar loss; 0 (still in the graph) when ``K < 3``, as the paper skips such groups.
+    """
+    num = teacher_features.shape[0]
+    if student_features.shape[0] != num:
+        raise ValueError(f"relation loss needs as many teacher as student GIs, got {num} and {student_features.shape[0]}")
+    if num < 3:
+        return zero_with_grad(student_features)
+    teacher_psi = normalized_distances(teacher_features.reshape(num, -1).float())
+    student_psi = normalized_distances(student_features.reshape(num, -1).float())
+    # the diagonal is 0 on both sides, so summing all K² entries and dividing by K² − K is the off-diagonal mean
+    return F.smooth_l1_loss(student_psi, teacher_psi, beta=beta, reduction="sum") / (num * num - num)
+
+
+def response_cls_loss(student_logits: Tensor, teacher_logits: Tensor, num_outputs: Tensor | float | None = None) -> Tensor:
+    """Response-based classification loss on the masked outputs.
+
+    ``L_cls = 1 / M Σ_{m} Σ_c BCE(σ(s_{mc}), σ(t_{mc}))``, ``BCE(p, q) = −q log p − (1 − q) log(1 − p)``.
+    Not zero at ``s = t`` (it is then the teacher's entropy) but its gradient is.
+
+    Args:
+        student_logits: ``[M, C]`` student logits of the masked slots.
+        teacher_logits: ``[M, C]`` teacher logits of the same slots.
+        num_outputs: ``M`` to divide by (default: ``student_logits.shape[0]``, at least 1).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"response logits differ in shape: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+    if num_outputs is None:
+        num_outputs = student_logits.shape[0]
+    loss = F.binary_cross_entropy_with_logits(student_logits.float(), teacher_logits.float().sigmoid(), reduction="sum")
+    return loss / torch.as_tensor(num_outputs).clamp(min=1)
+
+
+def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_outputs: Tensor | float | None = None) -> Tensor:
+    """Response-based regression loss on the masked outputs.
+
+    ``L_reg = 1 / M Σ_{m} ||δ_s^m − δ_t^m||₁`` over the head's own box parametrisation
+    (RetinaNet/RPN ``(dx, dy, dw, dh)``, FCOS ``(l, t, r, b)``).
+
+    Args:
+        student_deltas: ``[M, 4]`` student box outputs of the masked slots.
+        teacher_deltas: ``[M, 4]`` teacher box outputs of the same slots.
+        num_outputs: ``M`` to divide by (default: ``student_deltas.shape[0]``, at least 1).
+    """
+    if student_deltas.shape != teacher_deltas.shape:
+        raise ValueError(f"response box outputs differ in shape: student {tuple(student_deltas.shape)}, teacher {tuple(teacher_deltas.shape)}")
+    if num_outputs is None:
+        num_outputs = student_deltas.shape[0]
+    loss = F.l1_loss(student_deltas.float(), teacher_deltas.float(), reduction="sum")
+    return loss / torch.as_tensor(num_outputs).clamp(min=1)
+
+
+def anchor_iou_mask(anchors: Tensor, gi_boxes: Tensor, iou_threshold: float = 0.5) -> Tensor:
+    """Response mask of anchor-based heads (RetinaNet, RPN): ``max_k IoU(anchor_r, GI_k) >= threshold``.
+
+    Args:
+        anchors: ``[N, 4]`` xyxy anchors.
+        gi_boxes: ``[K, 4]`` GI boxes of one image.
+        iou_threshold: 0.5 (RetinaNet's positive threshold); 0.7 for the RPN.
+
+    Returns:
+        ``[N]`` bool.
+    """
+    if gi_boxes.shape[0] == 0:
+        return torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+    return box_iou(anchors.float(), gi_boxes.float()).max(dim=1).values >= iou_threshold
+
+
+def center_in_box_mask(points: Tensor, gi_boxes: Tensor) -> Tensor:
+    """Response mask of FCOS: locations whose centre lies strictly inside some GI box.
+
+    ``mask_r = ∃k: x1_k < x_r < x2_k and y1_k < y_r < y2_k`` (FCOS's own "inside the box" test).
+
+    Args:
+        points: ``[N, 2]`` location centres ``(x, y)``.
+        gi_boxes: ``[K, 4]`` GI boxes of one image.
+
+    Returns:
+        ``[N]`` bool.
+    """
+    if gi_boxes.shape[0] == 0:
+        return torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
+    x, y = points[:, None, 0], points[:, None, 1]  # [N, 1]
+    inside = (x > gi_boxes[None, :, 0]) & (x < gi_boxes[None, :, 2]) & (y > gi_boxes[None, :, 1]) & (y < gi_boxes[None, :, 3])
+    return inside.any(dim=1)
