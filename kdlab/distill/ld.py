@@ -1,0 +1,229 @@
+"""LD: Localization Distillation for Dense Object Detection (Zheng et al., CVPR 2022), METHODS.md §1.
+
+The student and the teacher are dense detectors with distribution box heads (GFL, or the GFL-style
+RetinaNet/FCOS of the zoo) whose slots correspond one to one (same strides, same location layout).
+Four terms, each switchable by its weight (0 = off, not computed):
+
+==============  ==========================  ================  ======  =====
+term            region                      per-location w    weight  T
+==============  ==========================  ================  ======  =====
+``loss_ld``     main: the positives         max_c sigma(s)    0.25    10
+``loss_ld_vlr`` VLR (:mod:`kdlab.distill.vlr`)  1 or IoU      0.25    10
+``loss_kd``     main: the positives         1                 10      2
+``loss_kd_vlr`` VLR                         1 or IoU          0 (off) 2
+==============  ==========================  ================  ======  =====
+
+The defaults are the published best recipe, Main KD + Main LD + VLR LD; Main LD alone is
+``LD(student, teacher, vlr_ld_weight=0, main_kd_weight=0)``. Self-LD is the same class with a
+teacher of the student's own architecture (a separately trained copy).
+
+Normalisation (the paper-vs-code difference of METHODS.md §1):
+
+- ``variant="kdlab"`` (default): each LD term is a weighted mean,
+  ``sum_i w_i LD_i / max(sum_i w_i, 1)`` (the normaliser is averaged over processes, like GFL's box
+  losses); KD terms are (weighted) means over their region. Independent of images per batch.
+- ``variant="official"``: the released code's constants: ``sum_i w_i sum_edges LD_i,e / 4`` (main)
+  and ``/ 16`` (VLR), so the loss grows with the number of images per GPU; Main/VLR KD are means over
+  each FPN level's locations, summed over levels; the VLR weighting defaults to ``"iou"``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdlab.distill.base import Distiller
+from kdlab.distill.vlr import VLR_WEIGHTINGS, vlr_weights
+from kdlab.losses.ld import edge_ld, ld_kl_div
+from kdlab.models.base import Detector
+from kdlab.models.outputs import DenseOutput
+from kdlab.utils.dist import reduce_mean
+
+LD_VARIANTS = ("kdlab", "official")
+# the released code's constant ``avg_factor`` of the per-edge LD sums (main region, VLR)
+OFFICIAL_MAIN_LD_DIVISOR = 4.0
+OFFICIAL_VLR_LD_DIVISOR = 16.0
+
+
+MODEL_ATTRIBUTES = {"num_classes": "number of classes", "reg_max": "reg_max (bins per edge - 1)", "strides": "FPN strides"}
+
+
+def check_teacher_student(student: Detector, teacher: Detector,
+                          attributes: tuple[str, ...] = ("num_classes", "reg_max", "strides")) -> None:
+    """Raise a ``ValueError`` when ``teacher`` cannot be distilled into ``student`` slot by slot.
+
+    Checks that they are separate models and agree on what they declare (``attributes`` among
+    ``num_classes``, ``reg_max``, ``strides``); the outputs are checked again at every step by
+    :func:`check_corresponding_outputs`.
+    """
+    if student is teacher:
+        raise ValueError("teacher and student are the same module; for self-LD pass a separately trained "
+                         "copy of the student's architecture as the teacher (e.g. copy.deepcopy + load)")
+    shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
+    if shared:
+        raise ValueError(f"teacher and student share {len(shared)} parameter tensors; the teacher must be a separate model")
+    for attr in attributes:
+        what = MODEL_ATTRIBUTES[attr]
+        s_value, t_value = getattr(student, attr, None), getattr(teacher, attr, None)
+        if s_value is not None and t_value is not None and tuple(_as_tuple(s_value)) != tuple(_as_tuple(t_value)):
+            raise ValueError(f"teacher/student mismatch in {what}: student {attr}={s_value}, teacher {attr}={t_value}; "
+                             "LD needs the same value on both")
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def check_corresponding_outputs(student_out: DenseOutput, teacher_out: DenseOutput, need_box_logits: bool = True) -> None:
+    """Raise a ``ValueError`` unless the two outputs have the same slot layout (and, with
+    ``need_box_logits``, distribution heads with the same ``reg_max``)."""
+    if need_box_logits:
+        for who, out in (("student", student_out), ("teacher", teacher_out)):
+            if out.box_logits is None:
+                raise ValueError(f"the {who}'s output has no box_logits: LD needs a distribution box head "
+                                 "(GFL, or RetinaNet/FCOS built with a GFL-style 4 * (reg_max + 1) head)")
+        s_bins, t_bins = student_out.box_logits.shape[-1], teacher_out.box_logits.shape[-1]
+        if s_bins != t_bins:
+            raise ValueError(f"teacher/student mismatch in reg_max: student box_logits have {s_bins} = 4 * "
+                             f"({s_bins // 4 - 1} + 1) entries per slot, teacher {t_bins} = 4 * ({t_bins // 4 - 1} + 1)")
+    if student_out.cls_logits.shape[-1] != teacher_out.cls_logits.shape[-1]:
+        raise ValueError(f"teacher/student mismatch in the number of classes: student {student_out.cls_logits.shape[-1]}, "
+                         f"teacher {teacher_out.cls_logits.shape[-1]}")
+    if list(student_out.num_per_level) != list(teacher_out.num_per_level):
+        raise ValueError(f"teacher/student mismatch in the slot layout: slots per FPN level student "
+                         f"{student_out.num_per_level}, teacher {teacher_out.num_per_level} (same strides, anchors "
+                         "per location and input size are needed)")
+    if not torch.equal(student_out.strides, teacher_out.strides):
+        raise ValueError("teacher/student mismatch in strides: the slots' strides differ")
+    if not torch.equal(student_out.points, teacher_out.points):
+        raise ValueError("teacher/student mismatch in the slot layout: the slots' points differ")
+    if student_out.cls_logits.shape[:2] != teacher_out.cls_logits.shape[:2]:
+        raise ValueError(f"teacher/student mismatch in batch/slots: student {tuple(student_out.cls_logits.shape[:2])}, "
+                         f"teacher {tuple(teacher_out.cls_logits.shape[:2])}")
+
+
+def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """``sum_i w_i v_i / max(sum_i w_i, 1)``, the normaliser averaged over processes (DDP == big batch)."""
+    normaliser = reduce_mean(weights.detach().sum()).clamp(min=1.0)
+    return (values * weights).sum() / normaliser
+
+
+def per_level_mean_sum(values: Tensor, levels: Tensor, num_levels: int) -> Tensor:
+    """``sum_l mean_{i in level l} v_i`` over the levels that have values (the released code's KD reduction)."""
+    sums = values.new_zeros(num_levels).index_add(0, levels, values)
+    counts = torch.bincount(levels, minlength=num_levels).to(values.dtype)
+    return (sums / counts.clamp(min=1.0)).sum()
+
+
+class LD(Distiller):
+    """Localization Distillation: Main LD, VLR LD, Main KD and VLR KD (see the module docstring).
+
+    Args:
+        student: dense detector with a distribution head (``DenseOutput.box_logits``).
+        teacher: trained detector with the same ``reg_max``, strides, classes and slot layout.
+        main_ld_weight, main_ld_temperature: Main LD (0.25, T = 10).
+        vlr_ld_weight, vlr_ld_temperature: VLR LD (0.25, T = 10).
+        main_kd_weight, main_kd_temperature: Main KD on the class logits (10, T = 2).
+        vlr_kd_weight, vlr_kd_temperature: VLR KD (0: off in the published recipe, T = 2).
+        vlr_alpha: the VLR's lower bound ``alpha * thr`` (0.25).
+        vlr_weighting: ``"mask"`` (paper) or ``"iou"`` (released code); ``None``: ``"mask"`` for
+            ``variant="kdlab"``, ``"iou"`` for ``variant="official"``.
+        vlr_exclude_positives: drop positives from the VLR (the released GFL head keeps them).
+        variant: ``"kdlab"`` (normalised by the summed location weights) or ``"official"``
+            (the released code's constant normalisation).
+        atss_topk: ATSS candidates per level for the VLR thresholds of heads not assigned by ATSS.
+    """
+
+    def __init__(
+        self,
+        student: Detector,
+        teacher: Detector,
+        *,
+        main_ld_weight: float = 0.25,
+        main_ld_temperature: float = 10.0,
+        vlr_ld_weight: float = 0.25,
+        vlr_ld_temperature: float = 10.0,
+        main_kd_weight: float = 10.0,
+        main_kd_temperature: float = 2.0,
+        vlr_kd_weight: float = 0.0,
+        vlr_kd_temperature: float = 2.0,
+        vlr_alpha: float = 0.25,
+        vlr_weighting: str | None = None,
+        vlr_exclude_positives: bool = False,
+        variant: str = "kdlab",
+        atss_topk: int = 9,
+    ):
+        check_teacher_student(student, teacher)
+        super().__init__(student, teacher)
+        if variant not in LD_VARIANTS:
+            raise ValueError(f"LD variant must be one of {LD_VARIANTS}, got {variant!r}")
+        if vlr_weighting is None:
+            vlr_weighting = "iou" if variant == "official" else "mask"
+        if vlr_weighting not in VLR_WEIGHTINGS:
+            raise ValueError(f"vlr_weighting must be one of {VLR_WEIGHTINGS}, got {vlr_weighting!r}")
+        weights = {"loss_ld": main_ld_weight, "loss_ld_vlr": vlr_ld_weight, "loss_kd": main_kd_weight, "loss_kd_vlr": vlr_kd_weight}
+        temperatures = {"loss_ld": main_ld_temperature, "loss_ld_vlr": vlr_ld_temperature,
+                        "loss_kd": main_kd_temperature, "loss_kd_vlr": vlr_kd_temperature}
+        for name, w in weights.items():
+            if w < 0:
+                raise ValueError(f"LD weight of {name} must be >= 0, got {w}")
+            if not temperatures[name] > 0:
+                raise ValueError(f"LD temperature of {name} must be > 0, got {temperatures[name]}")
+        self.distill_weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
+        self.temperatures = {name: float(t) for name, t in temperatures.items()}
+        self.variant = variant
+        self.vlr_alpha = vlr_alpha
+        self.vlr_weighting = vlr_weighting
+        self.vlr_exclude_positives = vlr_exclude_positives
+        self.atss_topk = atss_topk
+
+    def distill_terms(self, student_out: DenseOutput, teacher_out: DenseOutput, targets: list[dict]) -> dict[str, Tensor]:
+        """Unweighted LD/KD terms of the enabled parts (keys of ``distill_weight_dict``)."""
+        check_corresponding_outputs(student_out, teacher_out)
+        if student_out.assignment is None:
+            raise ValueError("LD needs the student's label assignment: run the student with targets")
+        enabled = self.distill_weight_dict
+        official = self.variant == "official"
+        reg_max = student_out.box_logits.shape[-1] // 4 - 1
+        num_levels = len(student_out.num_per_level)
+        terms: dict[str, Tensor] = {}
+
+        pos_mask = student_out.assignment.pos_mask  # [B, N]
+        pos_levels = student_out.levels[pos_mask.nonzero(as_tuple=True)[1]]  # [P]
+        if "loss_ld" in enabled:
+            # location weight: the student's max class score, detached (the weight GFL uses for DFL)
+            score = student_out.cls_logits[pos_mask].detach().float().sigmoid().max(dim=1).values  # [P]
+            ld = edge_ld(student_out.box_logits[pos_mask], teacher_out.box_logits[pos_mask], reg_max,
+                         self.temperatures["loss_ld"])  # [P], mean over the 4 edges
+            if official:  # sum_i w_i sum_e LD_i,e / 4
+                terms["loss_ld"] = (4 * ld * score).sum() / OFFICIAL_MAIN_LD_DIVISOR
+            else:
+                terms["loss_ld"] = weighted_mean(ld, score)
+        if "loss_kd" in enabled:
+            kd = ld_kl_div(student_out.cls_logits[pos_mask], teacher_out.cls_logits[pos_mask], self.temperatures["loss_kd"])  # [P]
+            if official:
+                terms["loss_kd"] = per_level_mean_sum(kd, pos_levels, num_levels)
+            else:
+                terms["loss_kd"] = weighted_mean(kd, torch.ones_like(kd))
+
+        if "loss_ld_vlr" in enabled or "loss_kd_vlr" in enabled:
+            region_weight = vlr_weights(student_out, self.vlr_alpha, self.vlr_weighting, self.atss_topk)  # [B, N]
+            if self.vlr_exclude_positives:
+                region_weight = region_weight * (~pos_mask).float()
+            region = region_weight > 0  # [B, N]
+            weight = region_weight[region]  # [V]
+            if "loss_ld_vlr" in enabled:
+                ld = edge_ld(student_out.box_logits[region], teacher_out.box_logits[region], reg_max,
+                             self.temperatures["loss_ld_vlr"])  # [V]
+                if official:  # sum_i v_i sum_e LD_i,e / 16
+                    terms["loss_ld_vlr"] = (4 * ld * weight).sum() / OFFICIAL_VLR_LD_DIVISOR
+                else:
+                    terms["loss_ld_vlr"] = weighted_mean(ld, weight)
+            if "loss_kd_vlr" in enabled:
+                kd = ld_kl_div(student_out.cls_logits[region], teacher_out.cls_logits[region], self.temperatures["loss_kd_vlr"])
+                if official:
+                    region_levels = student_out.levels[region.nonzero(as_tuple=True)[1]]
+                    terms["loss_kd_vlr"] = per_level_mean_sum(kd, region_levels, num_levels)
+                else:
+                    terms["loss_kd_vlr"] = weighted_mean(kd, weight)
+        return terms
