@@ -1,0 +1,277 @@
+"""Training configuration: one dataclass, loaded from a FLAT YAML file.
+
+Every key of the YAML file is a field of :class:`TrainConfig` (one to one; no inheritance, no
+``_base_`` files), so a reader sees in one file which data, detector, optimiser and distiller a
+run uses. Values are read with ``yaml.safe_load`` and checked against the field types::
+
+    cfg = load_config("configs/gfl_r18_shapes.yaml", overrides=["lr=0.02", "epochs=2"])
+    build_detector(cfg.model, num_classes, **cfg.model_options())
+
+YAML note: PyYAML reads ``1e-4`` (no dot) as a string; float fields accept such numeric strings,
+as YAML 1.2 would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not describe a valid :class:`TrainConfig`."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs (see ``configs/*.yaml`` for examples).
+
+    Data:
+        data_root: dataset directory (COCO layout, see ``kdlab.data.build_dataset``).
+        train_split / val_split: split names.
+        min_size / max_size: resize the shorter side to ``min_size``, the longer to at most ``max_size``.
+        batch_size: images per process (the total batch is ``batch_size * world_size``).
+        num_workers: DataLoader worker processes.
+        size_divisor: batches are zero-padded to a multiple of this.
+    Model (``None`` = the detector's own default):
+        model: detector name for ``kdlab.models.build_detector``.
+        backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels, head_convs,
+        reg_max, weights: detector options (``weights``: zoo detectors' pretrained weights).
+    Optimisation:
+        optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
+        lr: learning rate for ``base_batch_size`` images; scaled linearly to the real total batch.
+        momentum, weight_decay: optimiser settings (``momentum`` is AdamW's ``beta1``).
+        backbone_lr_mult: lr multiplier of parameters whose name contains ``.backbone.``.
+        epochs: training epochs.
+        lr_steps: 0-based epochs at whose start the lr is multiplied by ``lr_gamma``.
+        warmup_iters / warmup_ratio: linear warm-up from ``warmup_ratio * lr`` to ``lr``.
+        grad_clip: max gradient norm, or ``None`` for no clipping.
+        amp: bf16 autocast on CUDA (ignored on CPU).
+    Distillation:
+        teacher_config: YAML of the teacher's model fields (``None``: read them from the checkpoint).
+        teacher_checkpoint: exported ``student.pt`` of the teacher.
+        distill: distiller name for ``kdlab.distill.build_distiller`` (``None``: plain training).
+        distill_options: keyword arguments of the distiller.
+    Run:
+        output_dir: where checkpoints, logs and evaluations go.
+        seed, deterministic: seeding and deterministic kernels.
+        log_every: iterations per ``metrics.jsonl`` record.
+        eval_every: epochs between COCO evaluations (0: only at the end).
+        checkpoint_every_iters: extra ``last.pt`` every this many iterations (0: per epoch only).
+        max_iters: stop after this many iterations in total (tests, benchmarks).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        find_unused_parameters: passed to ``DistributedDataParallel``.
+    """
+
+    # data
+    data_root: str = "data/shapes"
+    train_split: str = "train"
+    val_split: str = "val"
+    min_size: int = 800
+    max_size: int = 1333
+    batch_size: int = 2
+    num_workers: int = 2
+    size_divisor: int = 32
+    # model
+    model: str = "gfl"
+    backbone: str | None = None
+    backbone_width: int | None = None
+    backbone_weights: str | None = None
+    backbone_norm: str | None = None
+    fpn_channels: int | None = None
+    head_convs: int | None = None
+    reg_max: int | None = None
+    weights: str | None = None
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    base_batch_size: int = 16
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    backbone_lr_mult: float = 1.0
+    epochs: int = 12
+    lr_steps: list[int] = field(default_factory=lambda: [8, 11])
+    lr_gamma: float = 0.1
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    grad_clip: float | None = None
+    amp: bool = True
+    # distillation
+    teacher_config: str | None = None
+    teacher_checkpoint: str | None = None
+    distill: str | None = None
+    distill_options: dict[str, Any] = field(default_factory=dict)
+    # run
+    output_dir: str = "runs/default"
+    seed: int = 0
+    deterministic: bool = True
+    log_every: int = 20
+    eval_every: int = 1
+    checkpoint_every_iters: int = 0
+    max_iters: int | None = None
+    device: str = "auto"
+    find_unused_parameters: bool = False
+
+    MODEL_OPTION_FIELDS = ("backbone", "backbone_width", "backbone_weights", "backbone_norm",
+                           "fpn_channels", "head_convs", "reg_max", "weights")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name]))
+        self._check_values()
+
+    def model_options(self) -> dict[str, Any]:
+        """The non-``None`` model fields, as keyword arguments of ``build_detector``."""
+        return {name: getattr(self, name) for name in self.MODEL_OPTION_FIELDS if getattr(self, name) is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (only str/int/float/bool/None/list/dict), e.g. for checkpoints."""
+        return dataclasses.asdict(self)
+
+    def _check_values(self) -> None:
+        positive = ["min_size", "max_size", "batch_size", "size_divisor", "base_batch_size", "epochs", "log_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["num_workers", "warmup_iters", "eval_every", "checkpoint_every_iters", "weight_decay"]:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ConfigError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.warmup_ratio <= 1:
+            raise ConfigError(f"warmup_ratio must be in (0, 1], got {self.warmup_ratio}")
+        if sorted(self.lr_steps) != self.lr_steps or any(s < 0 for s in self.lr_steps):
+            raise ConfigError(f"lr_steps must be increasing non-negative epoch indices, got {self.lr_steps}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be > 0 or null, got {self.grad_clip}")
+        if self.max_iters is not None and self.max_iters < 1:
+            raise ConfigError(f"max_iters must be >= 1 or null, got {self.max_iters}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        if self.distill is not None and self.teacher_checkpoint is None:
+            raise ConfigError(f"distill={self.distill!r} needs teacher_checkpoint (an exported student.pt)")
+
+
+_FIELD_TYPES: dict[str, Any] = {}
+
+
+def _field_types() -> dict[str, Any]:
+    if not _FIELD_TYPES:
+        _FIELD_TYPES.update(typing.get_type_hints(TrainConfig))
+    return _FIELD_TYPES
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints become floats where floats are expected."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    ok = False
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value, ok = float(value), True
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp in (str, bool):
+        ok = isinstance(value, tp)
+    elif origin is list:
+        if isinstance(value, list):
+            value, ok = [_coerce(f"{name}[{i}]", v, args[0]) for i, v in enumerate(value)], True
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if not ok:
+        raise ConfigError(f"{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _closest(key: str) -> str:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+    return f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(names)}"
+
+
+def _apply_override(values: dict[str, Any], override: str) -> None:
+    """Apply ``key=value`` (``value`` parsed by YAML); ``distill_options.name=value`` sets one option."""
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} must look like key=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
+    head, dot, option = key.partition(".")
+    if dot:
+        if head != "distill_options" or not option:
+            raise ConfigError(f"override {override!r}: only distill_options.<name>=value may use a dot")
+        values["distill_options"] = {**(values.get("distill_options") or {}), option: value}
+        return
+    if key not in _field_types():
+        raise ConfigError(f"override {override!r}: unknown key {key!r}; {_closest(key)}")
+    values[key] = value
+
+
+def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    """Build a :class:`TrainConfig` from a flat dict; errors name ``source`` and the key."""
+    unknown = [k for k in values if k not in _field_types()]
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {unknown[0]!r}; {_closest(str(unknown[0]))}")
+    try:
+        return TrainConfig(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a flat YAML file into a :class:`TrainConfig`, then apply ``key=value`` overrides.
+
+    Args:
+        path: the YAML file (a mapping of field names to values).
+        overrides: ``["lr=0.02", "lr_steps=[1, 2]", "distill_options.temperature=5"]``; the
+            values are parsed with ``yaml.safe_load``.
+
+    Raises:
+        ConfigError: missing/unreadable file, unknown key (with the closest valid names), or a
+            value of the wrong type (naming the key and the expected type).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys to values, got {type(values).__name__}")
+    for override in overrides:
+        _apply_override(values, override)
+    return config_from_dict(values, source=str(path))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write ``cfg`` as a flat YAML file that :func:`load_config` reads back to an equal config."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

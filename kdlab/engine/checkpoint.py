@@ -1,0 +1,150 @@
+"""Checkpoints: atomic writes, the resumable training state, and the exported student.
+
+Two files live in a run's ``output_dir``:
+
+- ``last.pt`` (:func:`training_state`): everything needed to continue *exactly* where the run
+  stopped: the task's trainable weights (student + distiller parts, never the teacher),
+  optimiser and scheduler state, position (epoch, batch in the epoch, global iteration),
+  RNG states of every rank, the logger's partial window, and the config as a plain dict.
+- ``student.pt`` (:func:`export_student`): the plain detector, ``{"model": {...build_detector
+  options...}, "num_classes", "class_names", "state_dict"}``, read back by :func:`load_detector`.
+
+Both contain only tensors and plain Python values, so ``torch.load(..., weights_only=True)``
+reads them, and both are written atomically: a crash during a save leaves the previous file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdlab.config import TrainConfig
+from kdlab.models import build_detector
+from kdlab.models.base import Detector
+
+TRAINING_KEYS = ("task", "optimizer", "scheduler", "epoch", "batch_in_epoch", "iteration", "config")
+STUDENT_KEYS = ("model", "num_classes", "class_names", "state_dict")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable, or not of the expected kind."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temporary file beside ``path``, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows: readers see the old or the new file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def atomic_save_json(obj: Any, path: str | Path) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    _atomic_write(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
+    return obj
+
+
+def training_state(task, optimizer, scheduler, *, epoch: int, batch_in_epoch: int, iteration: int,
+                   cfg: TrainConfig, num_classes: int, class_names: list[str],
+                   rng_states: list[torch.Tensor], log_window: dict[str, Any]) -> dict[str, Any]:
+    """The content of ``last.pt``: the run continues at batch ``batch_in_epoch`` of ``epoch``."""
+    return {
+        "task": task.trainable_state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "batch_in_epoch": batch_in_epoch,
+        "iteration": iteration,
+        "config": cfg.to_dict(),
+        "num_classes": num_classes,
+        "class_names": list(class_names),
+        "rng_states": rng_states,
+        "log_window": log_window,
+    }
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    """Read ``last.pt`` and check that it is a training checkpoint."""
+    state = safe_load(path)
+    missing = [k for k in TRAINING_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a kdlab training checkpoint (missing {missing})")
+    return state
+
+
+def student_record(cfg: TrainConfig, num_classes: int, class_names: list[str], detector: Detector) -> dict[str, Any]:
+    """The content of ``student.pt``. Pretrained-weight options are dropped: the state dict has the weights."""
+    model = {"name": cfg.model, **cfg.model_options()}
+    model.pop("backbone_weights", None)
+    model.pop("weights", None)
+    return {"model": model, "num_classes": num_classes, "class_names": list(class_names),
+            "state_dict": detector.state_dict()}
+
+
+def export_student(path: str | Path, cfg: TrainConfig, num_classes: int, class_names: list[str], detector: Detector) -> None:
+    """Write the plain detector to ``path`` (``student.pt``), atomically."""
+    atomic_save(student_record(cfg, num_classes, class_names, detector), path)
+
+
+def load_detector(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """Build the plain detector stored in ``checkpoint_path`` and load its weights.
+
+    Args:
+        checkpoint_path: an exported ``student.pt``, or a training ``last.pt`` (its student part).
+        device: where the detector goes.
+
+    Returns:
+        The detector in ``eval()`` mode, with ``class_names`` set as an attribute.
+    """
+    state = safe_load(checkpoint_path)
+    if "task" in state and "config" in state:  # a training checkpoint: take the student's weights
+        cfg = TrainConfig(**state["config"])
+        model = {"name": cfg.model, **cfg.model_options(), "backbone_weights": None, "weights": None}
+        prefix = "student."
+        weights = {k[len(prefix):]: v for k, v in state["task"].items() if k.startswith(prefix)}
+        state = {"model": model, "num_classes": state.get("num_classes"), "class_names": state.get("class_names"),
+                 "state_dict": weights}
+    missing = [k for k in STUDENT_KEYS if state.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{checkpoint_path} is not a kdlab detector checkpoint (missing {missing})")
+    options = {k: v for k, v in state["model"].items() if k != "name" and v is not None}
+    try:
+        detector = build_detector(state["model"]["name"], state["num_classes"], **options)
+        detector.load_state_dict(state["state_dict"])
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(f"{checkpoint_path}: cannot rebuild the detector ({err})") from None
+    detector.class_names = list(state["class_names"])
+    return detector.to(device).eval()
