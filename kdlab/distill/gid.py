@@ -136,13 +136,17 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
     raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
 
 
-def default_mask_rule(detector: nn.Module) -> tuple[str, float]:
-    """The detector's own assignment rule for the response mask: ``(rule, iou_threshold)``."""
-    if getattr(detector, "is_two_stage", False) or type(detector).__name__ == "FasterRCNN":
-        return "anchor_iou", 0.7  # RPN: positive at IoU >= 0.7
-    if type(detector).__name__ == "FCOS":
+def default_mask_rule(output) -> tuple[str, float]:
+    """The detector's own assignment rule for the response mask: ``(rule, iou_threshold)``.
+
+    Two-stage output: the RPN's anchors, positive at IoU >= 0.7. Dense output without anchors
+    (FCOS): location inside the box. Dense output with anchors (RetinaNet): IoU >= 0.5.
+    """
+    if is_two_stage(output):
+        return "anchor_iou", 0.7
+    if output.anchors is None:
         return "center", 0.0
-    return "anchor_iou", 0.5  # RetinaNet (and other anchor-based heads)
+    return "anchor_iou", 0.5
 
 
 @torch.no_grad()
@@ -227,11 +231,9 @@ class GID(Distiller):
         self.distill_weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
         self.gism_options = dict(k=num_instances, nms_iou=nms_iou, pre_nms_topk=pre_nms_topk, min_size=min_size, variant=self.gi_score)
         self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
-        rule, iou = default_mask_rule(student)
-        self.response_mask_rule = response_mask_rule or rule
-        if self.response_mask_rule not in MASK_RULES:
-            raise ValueError(f"response_mask_rule must be one of {MASK_RULES}, got {self.response_mask_rule!r}")
-        self.response_iou = iou if response_iou is None else response_iou
+        if response_mask_rule is not None and response_mask_rule not in MASK_RULES:
+            raise ValueError(f"response_mask_rule must be one of {MASK_RULES}, got {response_mask_rule!r}")
+        self.response_mask_rule, self.response_iou = response_mask_rule, response_iou  # None: the output's own
         if adapter_kernel_size not in (1, 3):
             raise ValueError(f"adapter_kernel_size must be 1 or 3, got {adapter_kernel_size}")
         self.adapter: nn.Module = nn.Identity()
@@ -284,7 +286,10 @@ class GID(Distiller):
                 f"student and teacher head outputs must correspond slot by slot: student {tuple(student_logits.shape)}, "
                 f"teacher {tuple(teacher_logits.shape)}"
             )
-        mask = response_mask(anchors, points, instances.boxes, self.response_mask_rule, self.response_iou)  # [B, N]
+        rule, iou = default_mask_rule(student_out)
+        rule = self.response_mask_rule or rule
+        iou = iou if self.response_iou is None else self.response_iou
+        mask = response_mask(anchors, points, instances.boxes, rule, iou)  # [B, N]
         num_masked = reduce_mean(mask.sum().float())
         terms = {}
         if "loss_gid_cls" in self.distill_weight_dict:
