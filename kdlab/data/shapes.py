@@ -2,9 +2,9 @@
 
 There is no small, free, instant detection dataset on which a distillation method shows its
 effect in minutes on a CPU. *shapes* is one: ``make_shapes("data/shapes")`` writes 1000 train and
-250 val images (128 x 128 PNG) with COCO-2017-style annotation files in a few seconds. It is a
-miniature of what makes COCO hard, because the four methods in kdlab each target one of those
-difficulties:
+250 val images (128 x 128 PNG) with COCO-2017-style annotation files in about 15 seconds on two
+CPU cores (numpy + PIL; about 6,100 boxes, 4.9 per image). It is a miniature of what makes COCO
+hard, because the four methods in kdlab each target one of those difficulties:
 
 - **Classes by outline only** (:data:`SHAPES_CLASSES`: disc, square, triangle, star, ring, cross,
   hexagon, heart). Each object gets a random colour and texture (solid, gradient, stripes,
@@ -121,8 +121,9 @@ def render_scene(
         if label is not None and rng.uniform() < 0.25:  # low contrast against what lies behind
             y, x = np.clip(strokes[0][1].mean(axis=0), 0, image_size - 1).astype(int)[::-1]
             colour = np.clip(canvas[y, x] + rng.choice([-1, 1], size=3) * rng.uniform(0.1, 0.2, size=3), 0, 1)
-        extent = max(1.0, float(np.ptp(strokes[0][1][:, 0])))
-        sigma = 0.0 if rng.uniform() < 0.35 else rng.uniform(0.3, min(2.0, 0.12 * extent + 0.3))
+        drawn_width = max(1.0, float(np.ptp(strokes[0][1][:, 0])))
+        # edge blur of random strength (none for about a third), never so strong it erases a small object
+        sigma = 0.0 if rng.uniform() < 0.35 else rng.uniform(0.3, min(2.0, 0.12 * drawn_width + 0.3))
         alpha = soften(coverage, sigma)[..., None]
         canvas = canvas * (1 - alpha) + paint(rng, colour, image_size) * alpha
         coverages.append(coverage)
@@ -232,6 +233,8 @@ def make_shapes(
     if not 0 < min_object_size < max_object_fraction * image_size:
         raise ValueError(f"need 0 < min_object_size < max_object_fraction * image_size, got "
                          f"{min_object_size} and {max_object_fraction} * {image_size}")
+    if max_distractors < 0:
+        raise ValueError(f"max_distractors must be >= 0, got {max_distractors}")
     if not 0 <= max_hidden_fraction < 1:
         raise ValueError(f"max_hidden_fraction must be in [0, 1), got {max_hidden_fraction}")
     if image_format not in ("png", "jpg"):
