@@ -8,6 +8,7 @@ distillation transfers class distributions.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -42,8 +43,9 @@ def ld_kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float
         )
     if not temperature > 0:
         raise ValueError(f"ld_kl_div: temperature must be > 0, got {temperature}")
-    teacher_log_prob = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # log p
-    student_log_prob = F.log_softmax(student_logits.float() / temperature, dim=-1)  # log q
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+    teacher_log_prob = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)  # log p
+    student_log_prob = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # log q
     kl_per_bin = teacher_log_prob.exp() * (teacher_log_prob - student_log_prob)  # p (log p - log q)
     return kl_per_bin.mean(dim=-1) * temperature**2
 

@@ -1,0 +1,361 @@
+"""LD: the KL by hand, T^2 scaling, the VLR on a hand-built layout, both normalisations, the
+distiller's gradients and its mismatch errors (METHODS.md §1)."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from kdlab.distill import build_distiller
+from kdlab.distill.ld import LD, OFFICIAL_MAIN_LD_DIVISOR, OFFICIAL_VLR_LD_DIVISOR
+from kdlab.distill.vlr import anchor_free_vlr, candidate_iou_threshold, valuable_localization_region, vlr_weights
+from kdlab.losses.ld import edge_ld, ld_kl_div
+from kdlab.models import build_detector
+from kdlab.models.atss import atss_assign
+from kdlab.models.outputs import DenseAssignment, DenseOutput
+
+# ---------------------------------------------------------------- the loss
+
+
+def test_ld_kl_div_hand_computed():
+    teacher = torch.log(torch.tensor([0.5, 0.25, 0.25]))
+    student = torch.zeros(3)  # uniform
+    # T = 1: KL(p || uniform) = sum p log p + log 3, averaged over the 3 bins
+    kl = 0.5 * math.log(0.5) + 0.5 * math.log(0.25) + math.log(3)
+    assert ld_kl_div(student, teacher, 1.0).item() == pytest.approx(kl / 3, rel=1e-5)
+    # T = 2: p = softmax(log p / 2) is proportional to sqrt(p); times T^2 = 4
+    roots = [math.sqrt(0.5), 0.5, 0.5]
+    p2 = [r / sum(roots) for r in roots]
+    kl2 = sum(p * math.log(p * 3) for p in p2)
+    assert ld_kl_div(student, teacher, 2.0).item() == pytest.approx(4 * kl2 / 3, rel=1e-5)
+    # unreduced: one value per distribution
+    batch = torch.stack([student, teacher])
+    out = ld_kl_div(batch, torch.stack([teacher, teacher]), 1.0)
+    assert out.shape == (2,) and out[0].item() == pytest.approx(kl / 3, rel=1e-5) and out[1].item() == pytest.approx(0, abs=1e-7)
+
+
+def test_ld_kl_div_zero_for_equal_logits_and_positive_otherwise():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 17)
+    assert ld_kl_div(logits, logits.clone(), 10.0).abs().max().item() < 1e-6
+    assert (ld_kl_div(torch.randn(5, 4, 17), logits, 10.0) > 0).all()
+
+
+def test_ld_kl_div_temperature_squared_scaling():
+    torch.manual_seed(1)
+    s, t = torch.randn(6, 17), torch.randn(6, 17)
+    # identity: LD_T(s, t) = T^2 * LD_1(s / T, t / T)
+    for temperature in (2.0, 10.0):
+        assert torch.allclose(ld_kl_div(s, t, temperature), temperature**2 * ld_kl_div(s / temperature, t / temperature, 1.0), rtol=1e-5)
+    # the T^2 factor keeps the loss finite as T grows: T^2 KL -> sum_k (d_k - mean d)^2 / (2K) with d = t - s,
+    # then averaged over the K bins (second-order expansion around the uniform distribution)
+    s, t = s.double(), t.double()  # float64: T^2 * KL at T = 1000 is a difference of nearly equal numbers
+    d = t - s
+    limit = ((d - d.mean(dim=1, keepdim=True)) ** 2).sum(dim=1) / (2 * 17) / 17
+    assert torch.allclose(ld_kl_div(s, t, 1000.0), limit, rtol=1e-2)
+
+
+def test_ld_kl_div_teacher_gets_no_gradient_and_bad_input():
+    s = torch.randn(3, 17, requires_grad=True)
+    t = torch.randn(3, 17, requires_grad=True)
+    ld_kl_div(s, t, 10.0).sum().backward()
+    assert s.grad is not None and s.grad.abs().sum() > 0 and t.grad is None
+    with pytest.raises(ValueError, match="same shape"):
+        ld_kl_div(torch.zeros(3, 17), torch.zeros(3, 9), 10.0)
+    with pytest.raises(ValueError, match="temperature"):
+        ld_kl_div(torch.zeros(3, 17), torch.zeros(3, 17), 0.0)
+    with pytest.raises(ValueError, match="4 \\* \\(reg_max \\+ 1\\) = 68"):
+        edge_ld(torch.zeros(2, 60), torch.zeros(2, 60), 16, 10.0)
+
+
+def test_edge_ld_is_the_mean_over_the_four_edges():
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 4 * 9), torch.randn(2, 4 * 9)
+    per_edge = ld_kl_div(s.reshape(2, 4, 9), t.reshape(2, 4, 9), 10.0)
+    assert torch.allclose(edge_ld(s, t, reg_max=8, temperature=10.0), per_edge.mean(dim=1))
+
+
+# ---------------------------------------------------------------- the valuable localization region
+
+GT = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+ANCHORS = torch.tensor([
+    [0.0, 0.0, 10.0, 10.0],    # a0: IoU 1,   DIoU 1
+    [2.0, 0.0, 12.0, 10.0],    # a1: IoU 2/3, DIoU 2/3 - 4/244
+    [5.0, 0.0, 15.0, 10.0],    # a2: IoU 1/3, DIoU 1/3 - 25/325
+    [20.0, 20.0, 30.0, 30.0],  # a3: IoU 0
+    [-4.0, 0.0, 6.0, 10.0],    # a4: IoU 3/7, DIoU 3/7 - 16/296
+    [8.0, 0.0, 18.0, 10.0],    # a5: IoU 1/9, DIoU 1/9 - 64/424 < 0
+])
+
+
+def _thr_by_hand() -> float:
+    # ATSS, topk 3: the candidates are a0, a1, a4 (centre distances 0, 2, 4); unbiased std
+    ious = [1.0, 2 / 3, 3 / 7]
+    mean = sum(ious) / 3
+    return mean + math.sqrt(sum((v - mean) ** 2 for v in ious) / 2)
+
+
+def test_vlr_single_gt_by_hand():
+    thr = _thr_by_hand()  # 0.98544: alpha * thr = 0.24636
+    atss = atss_assign(ANCHORS, [6], GT, topk=3)
+    assert sorted(atss.candidate_idx[0].tolist()) == [0, 1, 4]
+    assert candidate_iou_threshold(ANCHORS, GT, atss.candidate_idx).item() == pytest.approx(thr, rel=1e-6)
+    assert atss.iou_thr.item() == pytest.approx(thr, rel=1e-6)
+    vlr = valuable_localization_region(ANCHORS, GT, torch.tensor([thr]), alpha=0.25, weighting="mask")
+    # DIoU in [0.246, 0.985): a1 (0.650), a2 (0.256), a4 (0.375); a0 is above thr (a positive), a3/a5 below
+    assert vlr.mask.tolist() == [False, True, True, False, True, False]
+    assert vlr.weight.tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    assert vlr.matched_gt.tolist() == [-1, 0, 0, -1, 0, -1]
+    iou = valuable_localization_region(ANCHORS, GT, torch.tensor([thr]), alpha=0.25, weighting="iou")
+    assert torch.allclose(iou.weight, torch.tensor([0.0, 2 / 3, 1 / 3, 0.0, 3 / 7, 0.0]))
+    # alpha moves the lower bound: with alpha = 0.3 (0.2956) a2 (DIoU 0.256) drops out
+    assert valuable_localization_region(ANCHORS, GT, torch.tensor([thr]), alpha=0.3).mask.tolist() == [False, True, False, False, True, False]
+    # the upper bound is strict: with thr = 1, a0's DIoU (exactly 1) is still outside
+    assert valuable_localization_region(ANCHORS, GT, torch.tensor([1.0]), alpha=0.25).mask[0].item() is False
+
+
+def test_vlr_two_gts_highest_iou_wins():
+    gts = torch.cat([GT, torch.tensor([[6.0, 0.0, 16.0, 10.0]])])
+    thr = torch.tensor([_thr_by_hand(), 0.9])
+    vlr = valuable_localization_region(ANCHORS, gts, thr, alpha=0.25, weighting="iou")
+    # GT 1 = [6, 0, 16, 10] (alpha * thr = 0.225): a1 DIoU 3/7 - 16/296 = 0.375 (IoU 3/7 < 2/3 with GT 0: stays GT 0);
+    # a2 DIoU 9/11 - 1/221 = 0.814 (IoU 9/11 > 1/3: moves to GT 1); a5 DIoU 2/3 - 4/244 = 0.650 (only GT 1);
+    # a0 DIoU 1/4 - 36/356 = 0.149 < 0.225 (in no region)
+    assert vlr.matched_gt.tolist() == [-1, 0, 1, -1, 0, 1]
+    assert torch.allclose(vlr.weight, torch.tensor([0.0, 2 / 3, 9 / 11, 0.0, 3 / 7, 2 / 3]))
+    # no GT: empty region
+    empty = valuable_localization_region(ANCHORS, torch.zeros(0, 4), torch.zeros(0))
+    assert empty.weight.sum() == 0 and empty.matched_gt.eq(-1).all()
+    with pytest.raises(ValueError, match="weighting"):
+        valuable_localization_region(ANCHORS, GT, thr[:1], weighting="soft")
+    with pytest.raises(ValueError, match="one per GT"):
+        valuable_localization_region(ANCHORS, gts, thr[:1])
+
+
+def test_anchor_free_vlr_is_negatives_inside_a_gt_weighted_by_score():
+    points = torch.tensor([[5.0, 5.0], [9.0, 5.0], [15.0, 5.0], [10.0, 5.0]])  # the last one on the GT's edge
+    pos_mask = torch.tensor([True, False, False, False])
+    logits = torch.tensor([[2.0, 0.0], [0.0, -1.0], [3.0, 3.0], [1.0, 1.0]])
+    weight = anchor_free_vlr(points, GT, pos_mask, logits)
+    assert torch.allclose(weight, torch.tensor([0.0, 0.5, 0.0, 0.0]))  # sigma(max(0, -1)) = 0.5
+
+
+# ---------------------------------------------------------------- the distiller on hand-built outputs
+
+
+def _tiny_gfl(seed=0, num_classes=3, **kw):
+    torch.manual_seed(seed)
+    return build_detector("gfl", num_classes, backbone="resnet18", backbone_width=8, backbone_norm="gn",
+                          fpn_channels=16, head_convs=1, **kw)
+
+
+def _toy_output(batch: int, reg_max: int = 4, seed: int = 0, anchors=ANCHORS, pos=(0,), num_per_level=(6,)):
+    """A DenseOutput over the 6 hand-built anchors (one GT), ``batch`` copies of the same image."""
+    g = torch.Generator().manual_seed(seed)
+    n = anchors.shape[0]
+    cls_logits = torch.randn(1, n, 2, generator=g).repeat(batch, 1, 1) + 3.0  # confident: summed weights > 1
+    box_logits = torch.randn(1, n, 4 * (reg_max + 1), generator=g).repeat(batch, 1, 1)
+    pos_mask = torch.zeros(batch, n, dtype=torch.bool)
+    pos_mask[:, list(pos)] = True
+    levels = torch.cat([torch.full((k,), i) for i, k in enumerate(num_per_level)])
+    assignment = DenseAssignment(
+        labels=torch.where(pos_mask, 0, 2), matched_gt=torch.where(pos_mask, 0, -1), pos_mask=pos_mask,
+        gt_boxes=[GT.clone() for _ in range(batch)], gt_labels=[torch.tensor([0]) for _ in range(batch)],
+        candidate_idx=None, iou_thr=[torch.tensor([_thr_by_hand()]) for _ in range(batch)],
+    )
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2
+    return DenseOutput(
+        features=[], cls_logits=cls_logits, box_regression=torch.zeros(batch, n, 4), pred_boxes=torch.zeros(batch, n, 4),
+        points=points, anchors=anchors, strides=torch.full((n,), 8.0), levels=levels, num_per_level=list(num_per_level),
+        image_sizes=[(32, 32)] * batch, box_logits=box_logits, assignment=assignment,
+    )
+
+
+@pytest.fixture(scope="module")
+def models():
+    return _tiny_gfl(0), _tiny_gfl(1)
+
+
+def _all_terms(student, teacher, **options):
+    return LD(student, teacher, vlr_kd_weight=1.0, **options)
+
+
+def test_ld_terms_by_hand_default_normalisation(models):
+    distiller = _all_terms(*models, vlr_weighting="iou")
+    s_out, t_out = _toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))
+    terms = distiller.distill_terms(s_out, t_out, [])
+    s_box, t_box = s_out.box_logits[0], t_out.box_logits[0]
+    ld = ld_kl_div(s_box.reshape(6, 4, 5), t_box.reshape(6, 4, 5), 10.0).mean(dim=1)  # [6] per location
+    score = s_out.cls_logits[0].sigmoid().max(dim=1).values
+    # main LD over the positives a0, a1, weighted by the student's max score, normalised by the summed weights
+    expected_main = (ld[0] * score[0] + ld[1] * score[1]) / (score[0] + score[1])
+    assert terms["loss_ld"].item() == pytest.approx(expected_main.item(), rel=1e-5)
+    # VLR = a1, a2, a4 with IoU weights 2/3, 1/3, 3/7 (positives are not excluded, as in the released code)
+    w = torch.tensor([2 / 3, 1 / 3, 3 / 7])
+    expected_vlr = (ld[[1, 2, 4]] * w).sum() / w.sum()
+    assert terms["loss_ld_vlr"].item() == pytest.approx(expected_vlr.item(), rel=1e-5)
+    kd = ld_kl_div(s_out.cls_logits[0], t_out.cls_logits[0], 2.0)
+    assert terms["loss_kd"].item() == pytest.approx(kd[[0, 1]].mean().item(), rel=1e-5)
+    assert terms["loss_kd_vlr"].item() == pytest.approx(((kd[[1, 2, 4]] * w).sum() / w.sum()).item(), rel=1e-5)
+    # mask weighting: a plain mean over the region; excluding positives drops a1
+    masked = LD(*models, vlr_weighting="mask").distill_terms(s_out, t_out, [])
+    assert masked["loss_ld_vlr"].item() == pytest.approx(ld[[1, 2, 4]].mean().item(), rel=1e-5)
+    no_pos = LD(*models, vlr_weighting="mask", vlr_exclude_positives=True).distill_terms(s_out, t_out, [])
+    assert no_pos["loss_ld_vlr"].item() == pytest.approx(ld[[2, 4]].mean().item(), rel=1e-5)
+
+
+def test_official_normalisation_by_hand(models):
+    distiller = _all_terms(*models, variant="official")
+    assert distiller.vlr_weighting == "iou"  # the released code's weighting comes with the variant
+    s_out, t_out = _toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))
+    terms = distiller.distill_terms(s_out, t_out, [])
+    per_edge = ld_kl_div(s_out.box_logits[0].reshape(6, 4, 5), t_out.box_logits[0].reshape(6, 4, 5), 10.0)  # [6, 4]
+    score = s_out.cls_logits[0].sigmoid().max(dim=1).values
+    expected_main = (per_edge[[0, 1]].sum(dim=1) * score[[0, 1]]).sum() / OFFICIAL_MAIN_LD_DIVISOR
+    assert terms["loss_ld"].item() == pytest.approx(expected_main.item(), rel=1e-5)
+    w = torch.tensor([2 / 3, 1 / 3, 3 / 7])
+    expected_vlr = (per_edge[[1, 2, 4]].sum(dim=1) * w).sum() / OFFICIAL_VLR_LD_DIVISOR
+    assert terms["loss_ld_vlr"].item() == pytest.approx(expected_vlr.item(), rel=1e-5)
+    assert (OFFICIAL_MAIN_LD_DIVISOR, OFFICIAL_VLR_LD_DIVISOR) == (4.0, 16.0)
+
+
+def test_official_kd_is_a_per_level_mean_summed_over_levels(models):
+    # two levels of 3 slots; positives a0 (level 0), a4 and a5 (level 1)
+    s_out = _toy_output(1, seed=0, pos=(0, 4, 5), num_per_level=(3, 3))
+    t_out = _toy_output(1, seed=1, pos=(0, 4, 5), num_per_level=(3, 3))
+    kd = ld_kl_div(s_out.cls_logits[0], t_out.cls_logits[0], 2.0)
+    official = LD(*models, variant="official").distill_terms(s_out, t_out, [])
+    assert official["loss_kd"].item() == pytest.approx((kd[0] + (kd[4] + kd[5]) / 2).item(), rel=1e-5)
+    default = LD(*models).distill_terms(s_out, t_out, [])
+    assert default["loss_kd"].item() == pytest.approx(kd[[0, 4, 5]].mean().item(), rel=1e-5)
+
+
+def test_official_grows_with_images_per_batch_default_does_not(models):
+    for batch in (2, 4):
+        single = [_toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))]
+        repeated = [_toy_output(batch, seed=0, pos=(0, 1)), _toy_output(batch, seed=1, pos=(0, 1))]
+        default_1 = LD(*models).distill_terms(*single, [])
+        default_b = LD(*models).distill_terms(*repeated, [])
+        official_1 = LD(*models, variant="official").distill_terms(*single, [])
+        official_b = LD(*models, variant="official").distill_terms(*repeated, [])
+        for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
+            assert default_b[name].item() == pytest.approx(default_1[name].item(), rel=1e-5)
+        for name in ("loss_ld", "loss_ld_vlr"):  # constant divisors: the sum over images grows
+            assert official_b[name].item() == pytest.approx(batch * official_1[name].item(), rel=1e-5)
+        assert official_b["loss_kd"].item() == pytest.approx(official_1["loss_kd"].item(), rel=1e-5)
+
+
+def test_weights_switch_terms_and_published_defaults(models):
+    default = LD(*models)
+    assert default.distill_weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
+    assert default.temperatures == {"loss_ld": 10.0, "loss_ld_vlr": 10.0, "loss_kd": 2.0, "loss_kd_vlr": 2.0}
+    assert default.vlr_alpha == 0.25 and default.vlr_weighting == "mask" and default.variant == "kdlab"
+    main_only = LD(*models, vlr_ld_weight=0, main_kd_weight=0)
+    terms = main_only.distill_terms(_toy_output(1, seed=0), _toy_output(1, seed=1), [])
+    assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 0.25
+    for bad in ({"variant": "paper"}, {"vlr_weighting": "soft"}, {"main_ld_weight": -1.0}, {"vlr_ld_temperature": 0.0}):
+        with pytest.raises(ValueError):
+            LD(*models, **bad)
+
+
+def test_ld_anchor_free_branch_and_computed_thresholds(models):
+    s_out, t_out = _toy_output(1, seed=0, pos=(0,)), _toy_output(1, seed=1, pos=(0,))
+    reference = LD(*models).distill_terms(s_out, t_out, [])["loss_ld_vlr"]
+    # a head without ATSS thresholds: LD computes them (topk 3 reproduces the hand layout's candidates)
+    s_out.assignment.iou_thr = None
+    assert LD(*models, atss_topk=3).distill_terms(s_out, t_out, [])["loss_ld_vlr"].item() == pytest.approx(reference.item())
+    # FCOS-style output: no anchors -> negatives inside the GT, weighted by the student's max score
+    s_out.anchors = t_out.anchors = None
+    weights = vlr_weights(s_out)
+    expected = anchor_free_vlr(s_out.points, GT, s_out.assignment.pos_mask[0], s_out.cls_logits[0])
+    assert torch.equal(weights[0], expected) and weights[0, 0] == 0 and (weights[0] > 0).sum() == 2  # a1, a4 centres inside
+    ld = edge_ld(s_out.box_logits[0], t_out.box_logits[0], 4, 10.0)
+    got = LD(*models).distill_terms(s_out, t_out, [])["loss_ld_vlr"]
+    w = expected[expected > 0]
+    assert got.item() == pytest.approx(((ld[expected > 0] * w).sum() / w.sum().clamp(min=1)).item(), rel=1e-5)
+
+
+# ---------------------------------------------------------------- mismatch errors
+
+
+def test_mismatch_errors(models):
+    student, teacher = models
+    with pytest.raises(ValueError, match="reg_max"):
+        LD(student, _tiny_gfl(2, reg_max=8))
+    with pytest.raises(ValueError, match="number of classes"):
+        LD(student, _tiny_gfl(2, num_classes=4))
+    odd_strides = _tiny_gfl(2)
+    odd_strides.strides = (8, 16, 32, 64)
+    with pytest.raises(ValueError, match="strides"):
+        LD(student, odd_strides)
+    with pytest.raises(ValueError, match="same module"):
+        LD(student, student)
+    distiller = LD(student, teacher)
+    s_out = _toy_output(1, seed=0)
+    with pytest.raises(ValueError, match="reg_max"):
+        distiller.distill_terms(s_out, _toy_output(1, reg_max=8), [])
+    with pytest.raises(ValueError, match="slot layout"):
+        distiller.distill_terms(s_out, _toy_output(1, num_per_level=(3, 3)), [])
+    shifted = _toy_output(1)
+    shifted.points = shifted.points + 1.0
+    with pytest.raises(ValueError, match="slot layout"):
+        distiller.distill_terms(s_out, shifted, [])
+    no_dist = _toy_output(1)
+    no_dist.box_logits = None
+    with pytest.raises(ValueError, match="distribution box head"):
+        distiller.distill_terms(s_out, no_dist, [])
+    no_assignment = _toy_output(1)
+    no_assignment.assignment = None
+    with pytest.raises(ValueError, match="assignment"):
+        distiller.distill_terms(no_assignment, _toy_output(1), [])
+
+
+# ---------------------------------------------------------------- end to end on a tiny GFL
+
+
+def _batch():
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    targets = [
+        {"boxes": torch.tensor([[8.0, 8.0, 40.0, 50.0], [30.0, 30.0, 60.0, 60.0]]), "labels": torch.tensor([0, 2]),
+         "size": torch.tensor([64, 64])},
+        {"boxes": torch.tensor([[4.0, 20.0, 28.0, 36.0]]), "labels": torch.tensor([1]), "size": torch.tensor([64, 64])},
+    ]
+    return images, targets
+
+
+def test_self_ld_zero_when_student_equals_teacher():
+    student = _tiny_gfl(0)
+    distiller = build_distiller("ld", student, copy.deepcopy(student), vlr_kd_weight=1.0)
+    assert isinstance(distiller, LD)
+    terms = distiller(*_batch())
+    for name in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"):
+        assert terms[name].abs().item() < 1e-6, name
+    official = LD(student, copy.deepcopy(student), variant="official")(*_batch())
+    assert all(official[k].abs().item() < 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd"))
+    # the regions are not empty: a perturbed copy of the student (self-LD's teacher) gives positive terms
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        teacher.head.gfl_reg.weight.add_(0.05 * torch.randn_like(teacher.head.gfl_reg.weight))
+        teacher.head.gfl_cls.weight.add_(0.05 * torch.randn_like(teacher.head.gfl_cls.weight))
+    perturbed = LD(student, teacher, vlr_kd_weight=1.0)(*_batch())
+    assert all(perturbed[k].item() > 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
+
+
+def test_no_gradient_reaches_the_teacher():
+    student, teacher = _tiny_gfl(0), _tiny_gfl(1)
+    distiller = LD(student, teacher)
+    distiller.train()
+    assert not teacher.training and student.training
+    terms = distiller(*_batch())
+    assert terms["loss_ld"].item() > 0 and terms["loss_ld_vlr"].item() > 0 and terms["loss_kd"].item() > 0
+    distill_total = sum(distiller.weight_dict[k] * terms[k] for k in ("loss_ld", "loss_ld_vlr", "loss_kd"))
+    distill_total.backward()
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert student.head.gfl_reg.weight.grad.abs().sum() > 0  # LD reaches the student's box branch
+    assert not any(k.startswith("teacher.") for k in distiller.trainable_state_dict())
+    assert {id(p) for p in distiller.trainable_parameters()} == {id(p) for p in student.parameters()}
+    # the teacher's output in the distiller's forward is computed without a graph
+    with torch.no_grad():
+        t_out = teacher(_batch()[0], [(64, 64)] * 2)
+    assert not t_out.box_logits.requires_grad
