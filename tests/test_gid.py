@@ -457,3 +457,46 @@ def test_level_strides_of_a_dense_output():
     student = tiny_gfl(8, 0)
     output = student(torch.zeros(1, 3, 64, 64), [(64, 64)])
     assert level_strides(output) == [8, 16, 32, 64, 128]
+
+
+def tiny_zoo_detector(family: str, fpn_channels: int, seed: int):
+    from kdlab.models.zoo_backbones import build_fpn_backbone
+
+    torch.manual_seed(seed)
+    if family == "faster_rcnn":
+        from kdlab.models.faster_rcnn import FasterRCNN
+
+        backbone = build_fpn_backbone("resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=fpn_channels, levels="p2p6")
+        return FasterRCNN(backbone, 3)
+    backbone = build_fpn_backbone("resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=fpn_channels, levels="p3p7")
+    if family == "retinanet":
+        from kdlab.models.retinanet import RetinaNet
+
+        return RetinaNet(backbone, 3)
+    from kdlab.models.fcos import FCOS
+
+    return FCOS(backbone, 3)
+
+
+@pytest.mark.parametrize("family", ["retinanet", "fcos", "faster_rcnn"])
+def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
+    student, teacher = tiny_zoo_detector(family, 32, 0), tiny_zoo_detector(family, 64, 1)
+    gid = GID(student, teacher, min_size=2.0)
+    assert gid.adapter.in_channels == 32 and gid.adapter.out_channels == 64
+    images, targets = tiny_batch()
+    terms = gid(images, targets)
+    assert all(torch.isfinite(terms[k]) for k in gid.distill_weight_dict)
+    gis = gid.last_instances.boxes
+    assert all(0 < len(b) <= 10 for b in gis)
+    output = student(images, [(96, 96), (90, 96)])
+    if family == "retinanet":  # anchors with IoU >= 0.5
+        expected = torch.stack([anchor_iou_mask(output.anchors, b, 0.5) for b in gis])
+    elif family == "fcos":  # locations inside a GI
+        expected = torch.stack([center_in_box_mask(output.points, b) for b in gis])
+    else:  # the RPN's anchors with IoU >= 0.7 (its own positive threshold)
+        expected = torch.stack([anchor_iou_mask(output.anchors, b, 0.7) for b in gis])
+        assert level_strides(output) == [4, 8, 16, 32, 64]
+    assert torch.equal(gid.last_response_mask, expected)
+    weighted_total(terms, gid.weight_dict).backward()
+    assert all(p.grad is None for p in gid.teacher.parameters())
+    assert gid.adapter.weight.grad is not None

@@ -58,13 +58,19 @@ def is_two_stage(output) -> bool:
 
 
 def level_strides(output) -> list[int]:
-    """Stride of each FPN map in ``output.features`` (from the slots' strides, or ``feature_strides``)."""
+    """Stride of each FPN map in ``output.features``.
+
+    Dense outputs carry the strides of their slots. For a two-stage output the stride is
+    inferred as torchvision's ``MultiScaleRoIAlign`` does: ``2^round(log2(image side / map side))``
+    with the largest unpadded image side.
+    """
     if isinstance(output, DenseOutput):
         offsets = [0]
         for n in output.num_per_level[:-1]:
             offsets.append(offsets[-1] + n)
         return [int(output.strides[o]) for o in offsets]
-    return [int(s) for s in output.feature_strides]
+    max_height = max(h for h, _ in output.image_sizes)
+    return [2 ** round(math.log2(max_height / f.shape[-2])) for f in output.features]
 
 
 def pool_gi_features(
@@ -113,7 +119,7 @@ def response_outputs(output) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
     """``(logits [B, N, C], box outputs [B, N, 4], anchors [N, 4] or None, points [N, 2])`` GID distils."""
     if isinstance(output, DenseOutput):
         return output.cls_logits, output.box_regression, output.anchors, output.points
-    anchors = output.rpn_anchors
+    anchors = output.anchors  # Faster R-CNN: only the RPN is distilled
     return output.rpn_objectness[..., None], output.rpn_deltas, anchors, (anchors[:, :2] + anchors[:, 2:]) / 2
 
 
@@ -150,8 +156,12 @@ def default_mask_rule(output) -> tuple[str, float]:
 
 
 @torch.no_grad()
-def feature_channels(detector: nn.Module, image_size: int = 128) -> int:
-    """Channels of a detector's FPN maps, read from one forward pass on a blank image."""
+def feature_channels(detector: nn.Module, image_size: int = 256) -> int:
+    """Channels of a detector's FPN maps: ``detector.backbone.out_channels`` (kdlab's and
+    torchvision's FPN backbones), else read from one forward pass on a blank image."""
+    channels = getattr(getattr(detector, "backbone", None), "out_channels", None)
+    if isinstance(channels, int):
+        return channels
     device = next(detector.parameters()).device
     was_training = detector.training
     detector.eval()
@@ -242,7 +252,9 @@ class GID(Distiller):
             teacher_channels = teacher_channels or feature_channels(teacher)
             if always_adapt or student_channels != teacher_channels:
                 self.adapter = nn.Conv2d(student_channels, teacher_channels, adapter_kernel_size, padding=adapter_kernel_size // 2)
-        self.last_instances: GeneralInstances | None = None  # the latest batch's GIs, for analysis
+        # the latest batch's GIs and response mask [B, N], for analysis and the notebook
+        self.last_instances: GeneralInstances | None = None
+        self.last_response_mask: Tensor | None = None
 
     def distill_terms(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:
         """Unweighted GID terms of the enabled parts (keys of ``distill_weight_dict``)."""
@@ -290,6 +302,7 @@ class GID(Distiller):
         rule = self.response_mask_rule or rule
         iou = iou if self.response_iou is None else self.response_iou
         mask = response_mask(anchors, points, instances.boxes, rule, iou)  # [B, N]
+        self.last_response_mask = mask
         num_masked = reduce_mean(mask.sum().float())
         terms = {}
         if "loss_gid_cls" in self.distill_weight_dict:

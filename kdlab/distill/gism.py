@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
 from kdlab.models.outputs import DenseOutput
@@ -59,20 +60,39 @@ def gism_inputs(output) -> tuple[Tensor, Tensor]:
     """Per-slot probabilities and decoded boxes that GISM compares.
 
     Args:
-        output: a :class:`~kdlab.models.outputs.DenseOutput` (RetinaNet, FCOS, GFL), or a two-stage
-            output with RPN fields ``rpn_objectness`` ``[B, N]`` and ``rpn_boxes`` ``[B, N, 4]``
-            (Faster R-CNN: GISM runs on the RPN).
+        output: a :class:`~kdlab.models.outputs.DenseOutput` (RetinaNet, FCOS, GFL), or a
+            :class:`~kdlab.models.faster_rcnn_outputs.TwoStageOutput` (Faster R-CNN: GISM runs on
+            the RPN's ``rpn_objectness`` ``[B, N]``, ``rpn_deltas`` ``[B, N, 4]`` and ``anchors``).
 
     Returns:
         ``probs`` ``[B, N, C]`` (``C = 1`` for the RPN) and ``boxes`` ``[B, N, 4]``, both detached.
     """
     if isinstance(output, DenseOutput):
         return output.cls_logits.detach().float().sigmoid(), output.pred_boxes.detach().float()
-    if hasattr(output, "rpn_objectness") and hasattr(output, "rpn_boxes"):
-        return output.rpn_objectness.detach().float().sigmoid()[..., None], output.rpn_boxes.detach().float()
+    if hasattr(output, "rpn_objectness") and hasattr(output, "rpn_deltas"):
+        return output.rpn_objectness.detach().float().sigmoid()[..., None], decode_rpn_boxes(output.rpn_deltas, output.anchors)
     raise TypeError(
-        f"GISM needs a DenseOutput or a two-stage output with rpn_objectness/rpn_boxes, got {type(output).__name__}"
+        f"GISM needs a DenseOutput or a two-stage output with rpn_objectness/rpn_deltas/anchors, got {type(output).__name__}"
     )
+
+
+def decode_rpn_boxes(rpn_deltas: Tensor, anchors: Tensor) -> Tensor:
+    """Every anchor's RPN box (the proposal before top-k and NMS), detached.
+
+    ``cx = cx_a + dx w_a``, ``w = w_a exp(dw)`` (same for y, h): torchvision's ``BoxCoder`` with
+    the RPN's weights ``(1, 1, 1, 1)``.
+
+    Args:
+        rpn_deltas: ``[B, A, 4]`` RPN deltas.
+        anchors: ``[A, 4]`` xyxy anchors, the same for every image.
+
+    Returns:
+        ``[B, A, 4]`` xyxy boxes.
+    """
+    batch, num_anchors, _ = rpn_deltas.shape
+    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+    flat = coder.decode_single(rpn_deltas.detach().float().reshape(-1, 4), anchors.float().repeat(batch, 1))
+    return flat.view(batch, num_anchors, 4)
 
 
 def general_instance_scores(teacher_probs: Tensor, student_probs: Tensor, variant: str = "paper") -> tuple[Tensor, Tensor]:
