@@ -1,6 +1,6 @@
 """Training loop, checkpoints, DDP and evaluation.
 
-- :func:`train` (``train.py``): the loop, driven by a :class:`~kdlab.config.TrainConfig`.
+- :func:`train` (``loop.py``): the loop, driven by a :class:`~kdlab.config.TrainConfig`.
 - :func:`evaluate`, :func:`predict` (``evaluate.py``): COCO metrics of a detector; one batch's detections.
 - :func:`load_detector` (``checkpoint.py``): the detector of an exported ``student.pt``.
 - :class:`ResumableBatchSampler` (``sampler.py``), :func:`build_optimizer` /
@@ -15,7 +15,7 @@ from kdlab.engine.evaluate import detections_to_coco, evaluate, predict
 from kdlab.engine.logging import MetricLogger, read_metrics
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer, scaled_lr
 from kdlab.engine.sampler import ResumableBatchSampler
-from kdlab.engine.train import train, train_step
+from kdlab.engine.loop import train, train_step
 
 __all__ = [
     "CheckpointError",
