@@ -1,7 +1,7 @@
 """Training loop, checkpoints, DDP and evaluation.
 
 - :func:`train` (``loop.py``): the loop, driven by a :class:`~kdlab.config.TrainConfig`.
-- :func:`evaluate`, :func:`predict` (``evaluate.py``): COCO metrics of a detector; one batch's detections.
+- :func:`evaluate`, :func:`predict` (``evaluation.py``): COCO metrics of a detector; one batch's detections.
 - :func:`load_detector` (``checkpoint.py``): the detector of an exported ``student.pt``.
 - :class:`ResumableBatchSampler` (``sampler.py``), :func:`build_optimizer` /
   :func:`build_lr_scheduler` (``optim.py``), :class:`MetricLogger` (``logging.py``),
@@ -11,7 +11,7 @@
 from kdlab.engine.build import build_datasets, build_loader, build_task
 from kdlab.engine.checkpoint import CheckpointError, atomic_save, export_student, load_detector, safe_load
 from kdlab.engine.distributed import DistContext, init_distributed, resolve_device
-from kdlab.engine.evaluate import detections_to_coco, evaluate, predict
+from kdlab.engine.evaluation import detections_to_coco, evaluate, predict
 from kdlab.engine.logging import MetricLogger, read_metrics
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer, scaled_lr
 from kdlab.engine.sampler import ResumableBatchSampler

@@ -34,7 +34,7 @@ from kdlab.engine.build import build_datasets, build_loader, build_task, check_o
 from kdlab.engine.checkpoint import (CheckpointError, atomic_save, atomic_save_json, export_student,
                                      load_training_state, training_state)
 from kdlab.engine.distributed import DistContext, cleanup_distributed, init_distributed, seed_everything
-from kdlab.engine.evaluate import evaluate
+from kdlab.engine.evaluation import evaluate
 from kdlab.engine.logging import MetricLogger
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer
 from kdlab.models.base import weighted_total
