@@ -120,7 +120,7 @@ def fcos(
     (score 0.2, NMS 0.6); use ``score_thresh=0.05`` for COCO-style AP.
     """
     body = _backbone("p3p7", backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels)
-    head = tv_fcos.FCOSHead(fpn_channels, 1, num_classes, num_convs=head_convs)
+    head = tv_fcos.FCOSHead(fpn_channels, 1, num_classes, num_convs=0)  # towers replaced below (any width)
     head.classification_head = tv_fcos.FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs,
                                                               norm_layer=head_group_norm)
     head.regression_head = tv_fcos.FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=head_group_norm)
