@@ -81,6 +81,9 @@ def coco_metrics(
         warnings.warn("coco_metrics: no detections at all; every metric is 0", stacklevel=2)
         return {name: 0.0 for name in METRIC_NAMES}
     check_results(coco, results)
+    if image_ids is not None and not set(image_ids) <= set(coco.getImgIds()):
+        unknown = sorted(set(image_ids) - set(coco.getImgIds()))
+        raise ValueError(f"image_ids {unknown[:5]} are not images of the annotation file")
     with _quiet(verbose):
         # loadRes adds "area"/"id" to the dicts it gets: give it copies
         coco_dt = coco.loadRes(copy.deepcopy(list(results)))

@@ -63,6 +63,12 @@ def test_single_process_without_torchrun_env(monkeypatch):
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_twice_the_batch(tiny_shapes, tmp_path):
+    """W processes x b images == 1 process x W*b images, because every loss normaliser is a global mean.
+
+    A normaliser clamped *after* ``reduce_mean`` with ``clamp(min=1)`` breaks this while the global
+    sum is below ``W`` (early training, when GFL's score weights are ~0.01); the single-process
+    semantics are ``reduce_mean(x).clamp(min=1 / world_size)``.
+    """
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps({**TINY_GFL, "data_root": str(tiny_shapes)}))  # JSON is YAML
     run(["-m", "kdlab", "train", str(config), "--no-progress", "--output-dir", str(tmp_path / "ddp"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import warnings
 
 import pytest
@@ -389,6 +390,14 @@ def test_crash_while_saving_keeps_previous_checkpoint(tiny_shapes, tmp_path, mon
     assert calls == [2, 4]
     assert safe_load(tmp_path / "last.pt")["iteration"] == 2
     assert sorted(p.name for p in tmp_path.iterdir() if "tmp" in p.name) == []
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_config_warns(baseline, tiny_shapes, tmp_path):
+    shutil.copy(baseline[0] / "last.pt", tmp_path / "last.pt")  # a finished run: resuming only evaluates
+    with pytest.warns(UserWarning, match=r"differs in \['lr'\]"):
+        quiet_train(tiny_config(tiny_shapes, tmp_path, lr=0.02), resume=True)
+    assert (tmp_path / "eval_final.json").is_file() and (tmp_path / "student.pt").is_file()
 
 
 def test_non_finite_loss_names_iteration_epoch_and_terms(tiny_shapes, tmp_path, monkeypatch):

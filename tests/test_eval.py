@@ -77,6 +77,8 @@ def test_images_without_detections_count(tmp_path):
     results = [det(1, 3, [10, 10, 40, 40])]
     assert coco_metrics(path, results)["AP"] == pytest.approx(51 / R)  # image 2's GT is a miss
     assert coco_metrics(path, results, image_ids=[1])["AP"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"image_ids \[3\] are not images"):
+        coco_metrics(path, results, image_ids=[1, 3])
 
 
 def test_accepts_a_coco_object_and_does_not_modify_results(tmp_path):
