@@ -5,7 +5,7 @@
   at that location, and divided by the sum of those weights (clamped to >= 1). DFL is averaged over the
   four edges.
 
-Normalisers go through :func:`kdlab.utils.dist.reduce_mean`, so ``W`` processes with ``b`` images each
+Normalisers go through :func:`kdlab.utils.dist.reduce_normalizer`, so ``W`` processes with ``b`` images each
 give the gradient of one process with ``W * b`` images.
 """
 
@@ -19,7 +19,7 @@ from kdlab.losses.gfl import distribution_focal_loss, quality_focal_loss
 from kdlab.models.base import Criterion
 from kdlab.models.box_ops import aligned_box_iou, bbox2distance, distance2bbox
 from kdlab.models.outputs import DenseOutput
-from kdlab.utils.dist import reduce_mean
+from kdlab.utils.dist import reduce_normalizer
 
 
 def gather_matched_gt(gt_boxes: list[Tensor], image_idx: Tensor, gt_idx: Tensor) -> Tensor:
@@ -70,7 +70,7 @@ class GFLCriterion(Criterion):
         labels = assignment.labels.flatten()  # [B*N]
 
         pos_idx, points, gt_boxes, _ = positive_box_targets(output)
-        num_pos = reduce_mean(torch.tensor(float(pos_idx.numel()), device=cls_logits.device)).clamp(min=1.0)
+        num_pos = reduce_normalizer(torch.tensor(float(pos_idx.numel()), device=cls_logits.device))
 
         quality = torch.zeros_like(labels, dtype=cls_logits.dtype)
         if pos_idx.numel():
@@ -87,6 +87,6 @@ class GFLCriterion(Criterion):
         else:
             loss_giou = loss_dfl = box_logits.sum() * 0.0
             weight_sum = cls_logits.new_zeros(())
-        weight_norm = reduce_mean(weight_sum.detach()).clamp(min=1.0)
+        weight_norm = reduce_normalizer(weight_sum)
         loss_qfl = quality_focal_loss(cls_logits, labels, quality).sum() / num_pos
         return {"loss_qfl": loss_qfl, "loss_giou": loss_giou / weight_norm, "loss_dfl": loss_dfl / weight_norm}

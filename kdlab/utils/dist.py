@@ -43,3 +43,15 @@ def all_gather_object(obj) -> list:
     out = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def reduce_normalizer(value: torch.Tensor, minimum: float = 1.0) -> torch.Tensor:
+    """A loss normaliser (number of positives, summed location weights) that makes DDP exact.
+
+    One process with the whole batch divides by ``max(S, minimum)`` where ``S`` is the batch total.
+    With ``W`` processes DDP averages the gradients of the per-rank losses, so each rank must divide
+    by ``max(S, minimum) / W = max(mean_r S_r, minimum / W)``: the clamp is applied to the mean *after*
+    scaling the minimum. (The reference mmdet code clamps the mean at ``minimum``, which differs from a
+    single big batch whenever ``S < minimum``, e.g. early in training when GFL's weights are ~0.01.)
+    """
+    return reduce_mean(value.detach().float()).clamp(min=minimum / get_world_size())

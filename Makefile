@@ -1,0 +1,36 @@
+# kdlab: two commands do everything on a fresh machine (see README.md).
+#   make demo   set up .venv and run the main job on the generated shapes data
+#   make test   set up .venv and run every test, notebooks included (nbval)
+PYTHON ?= python3
+VENV   ?= .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.kdlab-setup
+PIP    := $(VPY) -m pip install --progress-bar off -q
+# pinned so pip never resolves another torch (the CPU/CUDA wheels of these versions)
+TORCH  := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: setup demo test test-fast notebooks clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[test,notebooks]" $(TORCH)
+	touch $(STAMP)
+
+demo: setup
+	$(VPY) -m kdlab demo --out outputs/demo
+
+test: setup
+	KDLAB_PROFILE=quick $(VPY) -m pytest tests notebooks --nbval --nbval-sanitize-with notebooks/sanitize.cfg -p no:cacheprovider
+
+test-fast: setup
+	$(VPY) -m pytest tests -m "not slow" -p no:cacheprovider
+
+# re-execute every notebook in place (stored outputs for nbval), quick profile
+notebooks: setup
+	for nb in notebooks/[0-9]*.ipynb; do KDLAB_PROFILE=quick $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+
+clean:
+	rm -rf outputs runs .pytest_cache
