@@ -1,0 +1,212 @@
+"""LD's experiment on shapes (and BCCD when present): student alone vs LD vs feature imitation.
+
+One command, three seeds per variant, every run through the engine (``kdlab.engine.train``)::
+
+    python experiments/ld_shapes.py                          # 6 variants x 3 seeds, shapes (+ BCCD)
+    python experiments/ld_shapes.py --quick --max-iters 2    # smoke test: 1 seed, a few iterations
+
+Variants (METHODS.md §1): the student alone; Main LD; Main KD + Main LD + VLR LD (the published
+best); FitNets; fine-grained imitation; self-LD (the teacher is the student-alone model of the
+same seed: same architecture, trained with the same recipe). Every distilled run uses the same
+schedule, seed and data order as the student alone.
+
+Teachers: on shapes ``--teacher-checkpoint`` (``data/checkpoints/shapes_gfl_teacher.pt``) when it
+exists, else it is trained first with ``--teacher-config``; on BCCD a teacher is always trained
+first (same teacher config, BCCD data). Finished runs are reused when their saved config equals
+the new one (an interrupted command continues where it stopped; a run with its ``last.pt`` resumes).
+
+Outputs under ``--out`` (default ``outputs/ld_shapes``, ``outputs/ld_shapes_quick`` with
+``--quick``/``--max-iters``): one run folder per dataset/variant/seed, ``results.json`` (every
+run's metrics, the teachers', and the mean/std table) and ``results.md`` (mean ± std over seeds of
+AP, AP75, APs in %, sample std).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from any directory without installing kdlab
+    sys.path.insert(0, str(REPO))
+
+from kdlab.config import TrainConfig, load_config  # noqa: E402
+from kdlab.data import build_dataset  # noqa: E402
+from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E402
+from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
+from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
+
+SHARED_DATA = REPO.parent / "shared" / "data"
+METRICS = ("AP", "AP75", "APs")
+
+# name -> (label, distiller name or None, distill_options); "self_ld" takes the student-alone run as teacher
+VARIANTS: dict[str, tuple[str, str | None, dict]] = {
+    "student": ("student alone", None, {}),
+    "main_ld": ("Main LD", "ld", {"vlr_ld_weight": 0.0, "main_kd_weight": 0.0}),
+    "kd_ld_vlr": ("Main KD + Main LD + VLR LD", "ld", {}),
+    "fitnet": ("FitNets", "fitnet", {}),
+    "fine_grained": ("fine-grained imitation", "fine_grained", {}),
+    "self_ld": ("self-LD (Main + VLR LD)", "ld", {"main_kd_weight": 0.0}),
+}
+IMITATION_VARIANTS = ("fitnet", "fine_grained")
+
+# dataset -> config overrides on top of the student/teacher configs (shapes: the configs as they are)
+DATASETS: dict[str, dict] = {
+    "shapes": {},
+    # 640 x 480 blood-smear images, 3 classes, 205 training images: a larger input, a longer schedule
+    "bccd": {"data_root": str(SHARED_DATA / "bccd"), "train_split": "train", "val_split": "val",
+             "min_size": 320, "max_size": 448, "batch_size": 8, "epochs": 24, "lr_steps": [16, 22], "eval_every": 0},
+}
+
+
+def make_config(base: Path, fields: dict) -> TrainConfig:
+    """``base`` YAML with ``fields`` replaced (validated by ``TrainConfig``)."""
+    return dataclasses.replace(load_config(base), **fields)
+
+
+def run(cfg: TrainConfig) -> dict[str, float]:
+    """Train ``cfg`` unless an identical finished run exists; resume an interrupted identical one."""
+    out = Path(cfg.output_dir)
+    final, saved = out / "eval_final.json", out / "config.yaml"
+    same = saved.is_file() and load_config(saved).to_dict() == cfg.to_dict()
+    if same and final.is_file():
+        return json.loads(final.read_text())
+    if out.exists() and not same and any(out.iterdir()):
+        raise FileExistsError(f"{out} holds a run with another config; remove it or choose another --out")
+    start = time.time()
+    metrics = train(cfg, resume=same and (out / "last.pt").is_file(), progress=False)
+    print(f"  {out}: AP {100 * metrics['AP']:.1f} ({time.time() - start:.0f} s)", flush=True)
+    return metrics
+
+
+def evaluate_checkpoint(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str, float]:
+    """COCO metrics of a saved detector on ``cfg``'s validation split (cached in ``cache``)."""
+    if cache.is_file() and json.loads(cache.read_text()).get("checkpoint_mtime") == checkpoint.stat().st_mtime:
+        return json.loads(cache.read_text())["metrics"]
+    device = resolve_device(cfg.device)
+    dataset = build_dataset(cfg.data_root, cfg.val_split, train=False, min_size=cfg.min_size, max_size=cfg.max_size)
+    loader = build_loader(dataset, cfg, DistContext(0, 1, 0, device), train=False)
+    metrics = evaluate(load_detector(checkpoint, device), loader, device, amp=cfg.amp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json({"checkpoint": str(checkpoint), "checkpoint_mtime": checkpoint.stat().st_mtime, "metrics": metrics}, cache)
+    return metrics
+
+
+def summarise(runs: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """``{variant: {metric: (mean, std)}}`` in %, std over seeds (sample std; 0 for one seed)."""
+    table = {}
+    for variant, by_seed in runs.items():
+        table[variant] = {}
+        for metric in METRICS:
+            values = [100 * m[metric] for m in by_seed.values()]
+            table[variant][metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return table
+
+
+def markdown(dataset: str, table: dict, teacher: dict[str, float], seeds: list[int], note: str) -> str:
+    """The markdown table of one dataset, with the issue's two targets checked."""
+    lines = [f"### {dataset} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds}){note}", "",
+             "| run | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS),
+             "| teacher | " + " | ".join(f"{100 * teacher[m]:.1f}" for m in METRICS) + " |"]
+    for variant, cells in table.items():
+        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(f"{mean:.1f} ± {std:.1f}" for mean, std in cells.values()) + " |")
+    if {"student", "kd_ld_vlr"} <= table.keys():
+        gain = table["kd_ld_vlr"]["AP"][0] - table["student"]["AP"][0]
+        lines += ["", f"- full LD recipe vs student alone: {gain:+.1f} AP (target >= +1.5): {'met' if gain >= 1.5 else 'NOT met'}"]
+        imitation = [v for v in IMITATION_VARIANTS if v in table]
+        if imitation:
+            best = max(imitation, key=lambda v: table[v]["AP"][0])
+            margin = table["kd_ld_vlr"]["AP"][0] - table[best]["AP"][0]
+            lines.append(f"- full LD recipe vs best feature imitation ({VARIANTS[best][0]}): {margin:+.1f} AP "
+                         f"(target > 0): {'met' if margin > 0 else 'NOT met'}")
+    return "\n".join(lines)
+
+
+def run_dataset(name: str, args: argparse.Namespace, seeds: list[int], common: dict) -> dict:
+    """Teacher, then every variant for every seed, on one dataset; returns its part of results.json."""
+    out = args.out / name
+    fields = {**DATASETS[name], **common}
+    if name == "shapes" and args.teacher_checkpoint.is_file():
+        teacher_ckpt = args.teacher_checkpoint
+    else:
+        print(f"[{name}] training the teacher ({args.teacher_config})", flush=True)
+        run(make_config(args.teacher_config, {**fields, "output_dir": str(out / "teacher"), "seed": 0}))
+        teacher_ckpt = out / "teacher" / "student.pt"
+    eval_cfg = make_config(args.student_config, fields)  # the data and resize of the students' evaluation
+    teacher_metrics = evaluate_checkpoint(eval_cfg, teacher_ckpt, out / "teacher_eval.json")
+    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in args.variants}
+    for seed in seeds:
+        for variant in ["student"] + [v for v in args.variants if v != "student"]:  # self-LD needs the student run
+            _, distill, options = VARIANTS[variant]
+            teacher = str(out / "student" / f"seed{seed}" / "student.pt") if variant == "self_ld" else str(teacher_ckpt)
+            cfg = make_config(args.student_config, {
+                **fields, "seed": seed, "output_dir": str(out / variant / f"seed{seed}"), "distill": distill,
+                "distill_options": dict(options), "teacher_checkpoint": teacher if distill else None, "teacher_config": None})
+            metrics = run(cfg)
+            if variant in runs:
+                runs[variant][seed] = metrics
+    table = summarise(runs)
+    return {"teacher_checkpoint": str(teacher_ckpt), "teacher": teacher_metrics, "runs": runs,
+            "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student-config", type=Path, default=REPO / "configs" / "shapes_gfl_student.yaml")
+    parser.add_argument("--teacher-config", type=Path, default=REPO / "configs" / "shapes_gfl_teacher.yaml")
+    parser.add_argument("--teacher-checkpoint", type=Path, default=REPO / "data" / "checkpoints" / "shapes_gfl_teacher.pt",
+                        help="shapes teacher (trained with --teacher-config first if the file does not exist)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--datasets", nargs="+", default=None, choices=list(DATASETS),
+                        help="default: shapes, plus bccd when ../shared/data/bccd exists (not with --quick)")
+    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch, shapes only")
+    parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    smoke = args.quick or args.max_iters is not None
+    if args.out is None:
+        args.out = REPO / "outputs" / ("ld_shapes_quick" if smoke else "ld_shapes")
+    if args.datasets is None:
+        args.datasets = ["shapes"] + (["bccd"] if (SHARED_DATA / "bccd").is_dir() and not args.quick else [])
+    for path in (args.student_config, args.teacher_config):
+        if not path.is_file() and not (path == args.teacher_config and args.teacher_checkpoint.is_file()
+                                       and args.datasets == ["shapes"]):
+            parser.error(f"config {path} does not exist")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = [args.seeds[0]] if args.quick else args.seeds
+    common = {"device": args.device}
+    if args.quick:
+        common.update(epochs=1, lr_steps=[], eval_every=0)
+    if args.max_iters is not None:
+        common["max_iters"] = args.max_iters
+    if args.num_workers is not None:
+        common["num_workers"] = args.num_workers
+    note = " — SMOKE TEST, not a result" if args.quick or args.max_iters is not None else ""
+    results = {"seeds": seeds, "variants": {v: VARIANTS[v][0] for v in args.variants}, "smoke_test": bool(note), "datasets": {}}
+    sections = []
+    for dataset in args.datasets:
+        print(f"[{dataset}] {len(args.variants)} variants x {len(seeds)} seed(s) -> {args.out / dataset}", flush=True)
+        results["datasets"][dataset] = part = run_dataset(dataset, args, seeds, common)
+        table = {v: {m: tuple(c) for m, c in cells.items()} for v, cells in part["table"].items()}
+        sections.append(markdown(dataset, table, part["teacher"], seeds, note))
+        atomic_save_json(results, args.out / "results.json")
+    text = "## LD experiment\n\n" + "\n\n".join(sections) + "\n"
+    (args.out / "results.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
