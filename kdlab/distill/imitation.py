@@ -34,7 +34,7 @@ from kdlab.distill.ld import check_corresponding_outputs, check_teacher_student
 from kdlab.losses.ld import ld_kl_div
 from kdlab.models.base import Detector
 from kdlab.models.outputs import DenseOutput
-from kdlab.utils.dist import reduce_mean
+from kdlab.utils.dist import reduce_normalizer
 
 
 def fpn_channels_of(model: Detector, given: int | None, who: str) -> int:
@@ -75,7 +75,7 @@ def masked_feature_mse(student_features: list[Tensor], teacher_features: list[Te
         level_sum, level_count = (sq * m).sum(), m.sum() * s.shape[1]
         total = level_sum if total is None else total + level_sum
         count = level_count if count is None else count + level_count
-    return total / reduce_mean(count.detach()).clamp(min=1.0)
+    return total / reduce_normalizer(count)
 
 
 class FeatureImitation(Distiller):
@@ -246,5 +246,5 @@ class ClassificationKD(Distiller):
         else:
             mask = torch.ones(student_out.cls_logits.shape[:2], dtype=torch.bool, device=student_out.cls_logits.device)
         kd = ld_kl_div(student_out.cls_logits[mask], teacher_out.cls_logits[mask], self.temperature)  # [M]
-        count = reduce_mean(torch.tensor(float(kd.numel()), device=kd.device)).clamp(min=1.0)
+        count = reduce_normalizer(torch.tensor(float(kd.numel()), device=kd.device))
         return {"loss_cls_kd": kd.sum() / count}

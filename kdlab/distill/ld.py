@@ -20,8 +20,8 @@ teacher of the student's own architecture (a separately trained copy).
 Normalisation (the paper-vs-code difference of METHODS.md §1):
 
 - ``variant="kdlab"`` (default): each LD term is a weighted mean,
-  ``sum_i w_i LD_i / max(sum_i w_i, 1)`` (the normaliser is averaged over processes, like GFL's box
-  losses); KD terms are (weighted) means over their region. Independent of images per batch.
+  ``sum_i w_i LD_i / max(sum_i w_i, 1)`` with the sums over the whole batch of all processes
+  (``kdlab.utils.dist.reduce_normalizer``, like GFL's box losses); KD terms are (weighted) means over their region. Independent of images per batch.
 - ``variant="official"``: the released code's constants: ``sum_i w_i sum_edges LD_i,e / 4`` (main)
   and ``/ 16`` (VLR), so the loss grows with the number of images per GPU; Main/VLR KD are means over
   each FPN level's locations, summed over levels; the VLR weighting defaults to ``"iou"``.
@@ -37,7 +37,7 @@ from kdlab.distill.vlr import VLR_WEIGHTINGS, vlr_weights
 from kdlab.losses.ld import edge_ld, ld_kl_div
 from kdlab.models.base import Detector
 from kdlab.models.outputs import DenseOutput
-from kdlab.utils.dist import reduce_mean
+from kdlab.utils.dist import reduce_normalizer
 
 LD_VARIANTS = ("kdlab", "official")
 # the released code's constant ``avg_factor`` of the per-edge LD sums (main region, VLR)
@@ -103,8 +103,8 @@ def check_corresponding_outputs(student_out: DenseOutput, teacher_out: DenseOutp
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
-    """``sum_i w_i v_i / max(sum_i w_i, 1)``, the normaliser averaged over processes (DDP == big batch)."""
-    normaliser = reduce_mean(weights.detach().sum()).clamp(min=1.0)
+    """``sum_i w_i v_i / max(sum_i w_i, 1)`` over the whole (all-process) batch (``reduce_normalizer``: DDP == big batch)."""
+    normaliser = reduce_normalizer(weights.sum())
     return (values * weights).sum() / normaliser
 
 
