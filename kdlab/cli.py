@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override config fields, e.g. --set lr=0.02 epochs=2 (values parsed as YAML)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    demo = commands.add_parser("demo", help="the main job: shapes -> teacher -> student alone vs distilled -> table")
+    demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default outputs/demo)")
+    demo.add_argument("--data", default="data/shapes", help="shapes dataset folder (generated when absent)")
+    demo.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                      help="overrides of the student's config (e.g. epochs=2)")
+    demo.add_argument("--no-distill", action="store_true", help="teacher and student alone only")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     evaluate = commands.add_parser("eval", help="COCO metrics of a checkpoint on the config's val split")
     evaluate.add_argument("config", type=Path, help="the config (data and device fields are used)")
     evaluate.add_argument("--checkpoint", required=True, type=Path, help="student.pt (or a training last.pt)")
@@ -99,10 +107,17 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_demo_command(args: argparse.Namespace) -> int:
+    from kdlab.demo import run_demo
+
+    run_demo(args.out, args.data, overrides=args.overrides, progress=not args.no_progress, distill=not args.no_distill)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 ok, 1 diverged run, 2 error)."""
     args = build_parser().parse_args(argv)
-    commands = {"data": run_data_shapes, "train": run_train, "eval": run_eval}
+    commands = {"data": run_data_shapes, "train": run_train, "eval": run_eval, "demo": run_demo_command}
     debug = os.environ.get("KDLAB_DEBUG", "") not in ("", "0")
     try:
         return commands[args.command](args)
