@@ -209,3 +209,18 @@ def test_build_detector_errors():
         build_detector("gfl", 3, fpn_width=8)
     with pytest.raises(ValueError, match="backbone_weights='IMAGENET1K_V1' needs backbone_width=64"):
         build_detector("gfl", 3, backbone="resnet18", backbone_width=16, backbone_weights="IMAGENET1K_V1")
+
+
+def test_backbone_weights_missing_offline_names_file(monkeypatch, tmp_path):
+    import kdlab.models.zoo_weights as zoo_weights
+    from kdlab.models.zoo_weights import WeightsUnavailableError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def no_network(url, destination, progress):
+        raise OSError("no network")
+
+    monkeypatch.setattr(zoo_weights, "_download", no_network)
+    with pytest.raises(WeightsUnavailableError, match="resnet18-f37072fd.pth") as info:
+        build_detector("gfl", 3, backbone="resnet18", backbone_weights="IMAGENET1K_V1")
+    assert str(tmp_path) in str(info.value)

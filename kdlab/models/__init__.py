@@ -7,12 +7,15 @@ import inspect
 from kdlab.models.base import Criterion, Detector, weighted_total
 from kdlab.models.gfl import GFL
 from kdlab.models.outputs import DenseAssignment, DenseOutput
+from kdlab.models.zoo import ZOO_BUILDERS
 
-DETECTORS = {"gfl": GFL}
+# name -> class or builder taking (num_classes, **options): GFL, then the torchvision-based zoo
+DETECTORS = {"gfl": GFL, **ZOO_BUILDERS}
 
 
 def build_detector(name: str, num_classes: int, **options) -> Detector:
-    """Build a detector by name, e.g. ``build_detector("gfl", 80, backbone="resnet50")``.
+    """Build a detector by name, e.g. ``build_detector("gfl", 80, backbone="resnet50")`` or
+    ``build_detector("retinanet_resnet50_fpn_v2", num_classes=91, weights="COCO_V1")``.
 
     Unknown names or options raise a ``ValueError`` that lists the valid ones.
     """

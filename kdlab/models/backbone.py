@@ -7,15 +7,14 @@ torchvision's weights API load); smaller widths build the same architecture with
 
 from __future__ import annotations
 
-import os
 from collections import OrderedDict
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+from kdlab.models.zoo_weights import load_weights_state_dict
 
 RESNET_SPECS = {
     "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
@@ -39,30 +38,6 @@ def norm_layer_factory(norm: str):
     if norm == "gn":
         return group_norm
     raise ValueError(f"backbone_norm must be 'frozen_bn', 'bn' or 'gn', got {norm!r}")
-
-
-def load_torchvision_weights(weights_name: str, builder_weights_enum) -> dict[str, Tensor]:
-    """State dict of a torchvision weights entry, from ``$TORCH_HOME`` or by download.
-
-    Raises a clear ``RuntimeError`` naming the file, its URL and where to put it when the file is not
-    cached and cannot be downloaded (this machine may have no internet).
-    """
-    try:
-        weights = builder_weights_enum[weights_name]
-    except KeyError:
-        valid = [w.name for w in builder_weights_enum]
-        raise ValueError(f"unknown weights {weights_name!r} for {builder_weights_enum.__name__}; valid: {valid}") from None
-    url = weights.url
-    cache_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    file = cache_dir / os.path.basename(url)
-    try:
-        return weights.get_state_dict(progress=False, check_hash=False)
-    except Exception as exc:  # URLError, HTTPError, socket errors: all mean "not available here"
-        raise RuntimeError(
-            f"could not load {builder_weights_enum.__name__}.{weights_name}: the file {file.name} is not in "
-            f"{cache_dir} and downloading {url} failed ({type(exc).__name__}: {exc}). Download it on a machine "
-            f"with internet and place it at {file} (set TORCH_HOME to choose the cache directory)."
-        ) from exc
 
 
 class ResNetBody(nn.Module):
@@ -134,7 +109,9 @@ class ResNetFPN(nn.Module):
                 raise ValueError(f"backbone_weights={weights!r} needs backbone_width=64 (torchvision's ResNet), got {width}")
             enum = tv_resnet.__dict__[{"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights",
                                        "resnet50": "ResNet50_Weights", "resnet101": "ResNet101_Weights"}[depth]]
-            state = load_torchvision_weights(weights, enum)
+            if weights not in enum.__members__:
+                raise ValueError(f"unknown backbone_weights {weights!r} for {depth}; valid: {list(enum.__members__)}")
+            state = load_weights_state_dict(enum[weights])
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
             missing, unexpected = self.body.load_state_dict(state, strict=False)
             bad_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
