@@ -22,7 +22,7 @@ from kdlab.distill.gid import (
     response_mask,
     select_general_instances,
 )
-from kdlab.distill.gism import GI_BACKGROUND, GI_POSITIVE, GI_SEMI, general_instance_scores
+from kdlab.distill.gism import GI_BACKGROUND, GI_POSITIVE, GI_SEMI, general_instance_scores, nms_first_k
 from kdlab.losses.gid import (
     anchor_iou_mask,
     center_in_box_mask,
@@ -145,6 +145,19 @@ def test_gism_knobs(options, slots):
     teacher, student = gism_outputs()
     gis = select_general_instances(teacher, student, **{"min_size": 10.0, **options})
     assert gis.slots[0].tolist() == slots
+
+
+@pytest.mark.parametrize("k", [1, 10, 40, 1000])
+def test_nms_first_k_equals_torchvision_nms(k):
+    from torchvision.ops import nms
+
+    generator = torch.Generator().manual_seed(k)
+    xy = torch.rand(3000, 2, generator=generator) * 200
+    boxes = torch.cat([xy, xy + 5 + torch.rand(3000, 2, generator=generator) * 60], dim=1)
+    scores = torch.rand(3000, generator=generator).sort(descending=True).values
+    expected = nms(boxes, scores, 0.3)[:k]
+    assert torch.equal(nms_first_k(boxes, scores, 0.3, k), expected)
+    assert torch.equal(nms_first_k(boxes[:5], scores[:5], 0.3, k), nms(boxes[:5], scores[:5], 0.3)[:k])
 
 
 def test_gism_official_variant_changes_the_ranking():

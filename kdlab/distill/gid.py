@@ -32,8 +32,8 @@ from torchvision.ops.poolers import LevelMapper
 from kdlab.distill.base import Distiller
 from kdlab.distill.gism import GeneralInstances, general_instance_kinds, select_general_instances
 from kdlab.losses.gid import (
-    anchor_iou_mask,
-    center_in_box_mask,
+    anchor_iou_hits,
+    center_in_box_hits,
     gi_feature_loss,
     gi_relation_loss,
     response_cls_loss,
@@ -107,12 +107,18 @@ def pool_gi_features(
     rois = torch.cat([batch_idx, boxes], dim=1)  # [M, 5]
     mapper = LevelMapper(int(log_strides[0]), int(log_strides[-1]), canonical_scale, canonical_level)
     levels = mapper([boxes]) if boxes.shape[0] else boxes.new_zeros(0, dtype=torch.int64)  # [M], 0 = finest
-    pooled = features[0].new_zeros(boxes.shape[0], features[0].shape[1], output_size, output_size)
+    pooled, order = [], []
     for level, (feature, stride) in enumerate(zip(features, strides)):
         idx = torch.where(levels == level)[0]
         if idx.numel():
-            pooled[idx] = roi_align(feature, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned=True).to(pooled.dtype)
-    return pooled
+            pooled.append(roi_align(feature, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned=True))
+            order.append(idx)
+    if not pooled:
+        return features[0].new_zeros(0, features[0].shape[1], output_size, output_size)
+    # back to batch order with a gather (cheaper to differentiate than writing into a zero tensor)
+    inverse = torch.empty_like(levels)
+    inverse[torch.cat(order)] = torch.arange(levels.numel(), device=levels.device)
+    return torch.cat(pooled)[inverse].to(features[0].dtype)
 
 
 def response_outputs(output) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
@@ -136,10 +142,22 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
     if rule == "anchor_iou":
         if anchors is None:
             raise ValueError("the 'anchor_iou' response mask needs anchors, but this detector's output has none")
-        return torch.stack([anchor_iou_mask(anchors, boxes, iou_threshold) for boxes in gi_boxes])
-    if rule == "center":
-        return torch.stack([center_in_box_mask(points, boxes) for boxes in gi_boxes])
-    raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
+        num_slots = anchors.shape[0]
+    elif rule == "center":
+        num_slots = points.shape[0]
+    else:
+        raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
+    all_boxes = torch.cat(gi_boxes)  # [M, 4]: one pairwise test for the whole batch
+    if all_boxes.shape[0] == 0:
+        return torch.zeros(len(gi_boxes), num_slots, dtype=torch.bool, device=points.device)
+    if rule == "anchor_iou":
+        hits = anchor_iou_hits(anchors, all_boxes, iou_threshold)  # [N, M]
+    else:
+        hits = center_in_box_hits(points, all_boxes)  # [N, M]
+    counts = torch.tensor([len(b) for b in gi_boxes], device=all_boxes.device)
+    image_of_gi = torch.repeat_interleave(torch.arange(len(gi_boxes), device=all_boxes.device), counts)  # [M]
+    one_hot = torch.nn.functional.one_hot(image_of_gi, len(gi_boxes)).to(torch.float32)  # [M, B]
+    return (hits.to(torch.float32) @ one_hot).T > 0  # [B, N]: some GI of that image hits the slot
 
 
 def default_mask_rule(output) -> tuple[str, float]:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
+from torchvision.ops import box_iou, nms
 
 from kdlab.models.outputs import DenseOutput
 
@@ -131,37 +131,71 @@ def select_from_scores(
     scores: Tensor,
     boxes: Tensor,
     from_teacher: Tensor,
-    image_size: tuple[int, int],
+    image_sizes: list[tuple[int, int]],
     *,
     k: int = 10,
     nms_iou: float = 0.3,
     pre_nms_topk: int = 3000,
     min_size: float = 10.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """GISM's filtering for one image: top-``pre_nms_topk``, clip, min size, NMS, top-``k``.
+) -> GeneralInstances:
+    """GISM's filtering, per image: top-``pre_nms_topk``, clip, min size, NMS, top-``k``.
+
+    The first three steps run on the whole batch at once; NMS runs image by image.
 
     Args:
-        scores: ``[N]`` GI scores.
-        boxes: ``[N, 4]`` GI boxes (xyxy input pixels).
-        from_teacher: ``[N]`` bool, whether each box is the teacher's.
-        image_size: ``(h, w)`` of the unpadded image (boxes are clipped to it).
-        k: GIs kept after NMS.
+        scores: ``[B, N]`` GI scores.
+        boxes: ``[B, N, 4]`` GI boxes (xyxy input pixels).
+        from_teacher: ``[B, N]`` bool, whether each box is the teacher's.
+        image_sizes: ``(h, w)`` of each unpadded image (boxes are clipped to it).
+        k: GIs kept per image after NMS.
         nms_iou: IoU threshold of the class-agnostic NMS.
-        pre_nms_topk: best slots kept before NMS.
+        pre_nms_topk: best slots kept per image before NMS.
         min_size: boxes with a side shorter than this (pixels, after clipping) are dropped.
 
     Returns:
-        ``(boxes [K, 4], scores [K], from_teacher [K], slots [K])``, best score first, ``K <= k``.
+        :class:`GeneralInstances`, best score first in each image, at most ``k`` per image.
     """
-    slots = scores.topk(min(pre_nms_topk, scores.numel())).indices  # sorted, best first
-    kept_boxes = clip_boxes_to_image(boxes[slots], tuple(image_size))
-    finite = torch.isfinite(kept_boxes).all(dim=1)
-    keep = remove_small_boxes(kept_boxes, min_size)
-    keep = keep[finite[keep]]
-    slots, kept_boxes = slots[keep], kept_boxes[keep]
-    keep = nms(kept_boxes, scores[slots], nms_iou)[:k]
-    slots = slots[keep]
-    return kept_boxes[keep], scores[slots], from_teacher[slots], slots
+    top_scores, slots = scores.topk(min(pre_nms_topk, scores.shape[1]), dim=1)  # [B, P], sorted
+    top_boxes = boxes.gather(1, slots[..., None].expand(-1, -1, 4))  # [B, P, 4]
+    # clip to each image: x to [0, w], y to [0, h] (torchvision's clip_boxes_to_image, batched)
+    limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=top_boxes.dtype, device=top_boxes.device)
+    top_boxes = torch.minimum(top_boxes.clamp(min=0), limits[:, None, :])
+    sides = top_boxes[..., 2:] - top_boxes[..., :2]  # [B, P, 2]
+    valid = torch.isfinite(top_boxes).all(dim=-1) & (sides >= min_size).all(dim=-1)  # remove_small_boxes' rule
+    result = GeneralInstances([], [], [], [])
+    for b in range(scores.shape[0]):
+        idx = valid[b].nonzero().flatten()
+        keep = idx[nms_first_k(top_boxes[b, idx], top_scores[b, idx], nms_iou, k)]
+        result.boxes.append(top_boxes[b, keep])
+        result.scores.append(top_scores[b, keep])
+        result.from_teacher.append(from_teacher[b, slots[b, keep]])
+        result.slots.append(slots[b, keep])
+    return result
+
+
+def nms_first_k(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int, first_prefix: int = 16) -> Tensor:
+    """``torchvision.ops.nms(boxes, scores, iou_threshold)[:k]`` for boxes sorted by decreasing score.
+
+    Greedy NMS decides on a box from the boxes before it only, so NMS on a prefix of the sorted
+    list keeps exactly the full run's survivors within that prefix. GISM needs only the first
+    ``k`` (10) of ~3000 candidates: NMS runs on the first ``first_prefix * k`` boxes and on a
+    4x longer prefix only while fewer than ``k`` survive (same result, a fraction of the cost).
+
+    Args:
+        boxes: ``[P, 4]`` boxes, sorted by decreasing ``scores``.
+        scores: ``[P]`` their scores.
+        iou_threshold: NMS IoU threshold.
+        k: survivors wanted.
+
+    Returns:
+        ``[min(k, survivors)]`` int64 indices into ``boxes``, best first.
+    """
+    prefix = first_prefix * k
+    while True:
+        keep = nms(boxes[:prefix], scores[:prefix], iou_threshold)
+        if keep.numel() >= k or prefix >= boxes.shape[0]:
+            return keep[:k]
+        prefix *= 4
 
 
 @torch.no_grad()
@@ -202,16 +236,8 @@ def select_general_instances(
     image_sizes = student_out.image_sizes
     if len(image_sizes) != scores.shape[0]:
         raise ValueError(f"the output has {len(image_sizes)} image_sizes for a batch of {scores.shape[0]} images")
-    result = GeneralInstances([], [], [], [])
-    for b, size in enumerate(image_sizes):
-        boxes, gi_scores, side, slots = select_from_scores(
-            scores[b], gi_boxes[b], teacher_higher[b], size, k=k, nms_iou=nms_iou, pre_nms_topk=pre_nms_topk, min_size=min_size
-        )
-        result.boxes.append(boxes)
-        result.scores.append(gi_scores)
-        result.from_teacher.append(side)
-        result.slots.append(slots)
-    return result
+    return select_from_scores(scores, gi_boxes, teacher_higher, image_sizes, k=k, nms_iou=nms_iou,
+                              pre_nms_topk=pre_nms_topk, min_size=min_size)
 
 
 def general_instance_kinds(gi_boxes: Tensor, gt_boxes: Tensor, positive_iou: float = 0.7, background_iou: float = 0.3) -> Tensor:

@@ -132,6 +132,11 @@ def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_output
     return loss / torch.as_tensor(num_outputs).clamp(min=1)
 
 
+def anchor_iou_hits(anchors: Tensor, gi_boxes: Tensor, iou_threshold: float = 0.5) -> Tensor:
+    """``[N, K]`` bool: anchor ``r`` overlaps GI ``k`` with ``IoU >= iou_threshold``."""
+    return box_iou(anchors.float(), gi_boxes.float()) >= iou_threshold
+
+
 def anchor_iou_mask(anchors: Tensor, gi_boxes: Tensor, iou_threshold: float = 0.5) -> Tensor:
     """Response mask of anchor-based heads (RetinaNet, RPN): ``max_k IoU(anchor_r, GI_k) >= threshold``.
 
@@ -143,9 +148,13 @@ def anchor_iou_mask(anchors: Tensor, gi_boxes: Tensor, iou_threshold: float = 0.
     Returns:
         ``[N]`` bool.
     """
-    if gi_boxes.shape[0] == 0:
-        return torch.zeros(anchors.shape[0], dtype=torch.bool, device=anchors.device)
-    return box_iou(anchors.float(), gi_boxes.float()).max(dim=1).values >= iou_threshold
+    return anchor_iou_hits(anchors, gi_boxes, iou_threshold).any(dim=1)
+
+
+def center_in_box_hits(points: Tensor, gi_boxes: Tensor) -> Tensor:
+    """``[N, K]`` bool: location ``r`` lies strictly inside GI ``k``."""
+    x, y = points[:, None, 0], points[:, None, 1]  # [N, 1]
+    return (x > gi_boxes[None, :, 0]) & (x < gi_boxes[None, :, 2]) & (y > gi_boxes[None, :, 1]) & (y < gi_boxes[None, :, 3])
 
 
 def center_in_box_mask(points: Tensor, gi_boxes: Tensor) -> Tensor:
@@ -160,8 +169,4 @@ def center_in_box_mask(points: Tensor, gi_boxes: Tensor) -> Tensor:
     Returns:
         ``[N]`` bool.
     """
-    if gi_boxes.shape[0] == 0:
-        return torch.zeros(points.shape[0], dtype=torch.bool, device=points.device)
-    x, y = points[:, None, 0], points[:, None, 1]  # [N, 1]
-    inside = (x > gi_boxes[None, :, 0]) & (x < gi_boxes[None, :, 2]) & (y > gi_boxes[None, :, 1]) & (y < gi_boxes[None, :, 3])
-    return inside.any(dim=1)
+    return center_in_box_hits(points, gi_boxes).any(dim=1)

@@ -1,0 +1,160 @@
+"""What does GID add to a training step beyond the teacher's forward pass?
+
+For each detector family this times, on the same batch, three training steps per repeat (forward,
+loss, backward; the optimiser step is the same for all and left out), in rotating order so that
+machine load hits all alike:
+
+- ``student``: the student alone;
+- ``student+teacher``: the student alone plus the teacher's forward pass under ``no_grad``
+  (what any teacher-based distillation pays before computing a single distillation term);
+- ``gid``: the GID step (student and teacher forward, detection loss, GISM, the feature /
+  relation / response losses, backward through all of it).
+
+``overhead = (gid - (student+teacher)) / student`` per repeat, i.e. GID's own cost beyond the
+teacher forward in units of a student step; the figure is its median over the repeats. Target
+(as for LD): <= 0.10. Timing the teacher inside the same step (rather than alone) keeps cache
+and memory effects of holding the student's activations out of GID's share.
+
+    python benchmarks/bench_gid_overhead.py                          # quick shapes models, CPU
+    python benchmarks/bench_gid_overhead.py --scale coco --device cuda --families retinanet
+    python benchmarks/bench_gid_overhead.py --scale coco --image-size 512 --repeats 2 --warmup 1   # CPU, minutes
+    python benchmarks/bench_gid_overhead.py --json outputs/bench_gid_overhead.json
+
+Scales: ``quick`` = the shapes configurations (ResNet-18 width 16 / FPN 32 student, ResNet-34
+width 32 / FPN 64 teacher, 16 images of 128 x 128); ``coco`` = ResNet-50 student, ResNet-101
+teacher, FPN 256, 2 images of 800 x 800 (as in the paper; meant for a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from any directory without installing kdlab
+    sys.path.insert(0, str(REPO))
+
+from kdlab.distill.base import DetectionTask  # noqa: E402
+from kdlab.distill.gid import GID  # noqa: E402
+from kdlab.models.base import weighted_total  # noqa: E402
+from kdlab.models.zoo_students import faster_rcnn, fcos, retinanet  # noqa: E402
+
+BUILDERS = {"retinanet": retinanet, "fcos": fcos, "faster_rcnn": faster_rcnn}
+NUM_CLASSES = 8
+# scale -> (student options, teacher options, batch size, image side)
+SCALES = {
+    "quick": (dict(backbone="resnet18", backbone_width=16, backbone_norm="gn", fpn_channels=32),
+              dict(backbone="resnet34", backbone_width=32, backbone_norm="gn", fpn_channels=64), 16, 128),
+    "coco": (dict(backbone="resnet50", backbone_width=64, backbone_norm="gn", fpn_channels=256),
+             dict(backbone="resnet101", backbone_width=64, backbone_norm="gn", fpn_channels=256), 2, 800),
+}
+TARGET = 0.10
+
+
+def make_batch(batch: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
+    """A normalised-looking batch and 3-6 random boxes per image (kdlab's batch format)."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=generator)
+    targets = []
+    for _ in range(batch):
+        count = int(torch.randint(3, 7, (1,), generator=generator))
+        xy = torch.rand(count, 2, generator=generator) * size * 0.6
+        wh = size * 0.05 + torch.rand(count, 2, generator=generator) * size * 0.35
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device),
+                        "labels": torch.randint(0, NUM_CLASSES, (count,), generator=generator).to(device),
+                        "size": torch.tensor([size, size])})
+    return images.to(device), targets
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_family(family: str, scale: str, device: torch.device, repeats: int, warmup: int,
+                 batch: int | None = None, size: int | None = None) -> dict:
+    student_options, teacher_options, scale_batch, scale_size = SCALES[scale]
+    batch, size = batch or scale_batch, size or scale_size
+    head = {} if family == "faster_rcnn" else {"head_convs": 2 if scale == "quick" else 4}
+    torch.manual_seed(0)
+    student = BUILDERS[family](NUM_CLASSES, **student_options, **head).to(device)
+    teacher = BUILDERS[family](NUM_CLASSES, **teacher_options, **({} if family == "faster_rcnn" else {"head_convs": 4})).to(device)
+    task = DetectionTask(student).train()
+    gid = GID(student, teacher, min_size=2.0 if scale == "quick" else 10.0).to(device).train()
+    images, targets = make_batch(batch, size, device)
+    sizes = [(size, size)] * batch
+
+    def student_step():
+        weighted_total(task(images, targets), task.weight_dict).backward()
+
+    def student_teacher_step():
+        terms = task(images, targets)
+        with torch.no_grad():
+            teacher(images, sizes)
+        weighted_total(terms, task.weight_dict).backward()
+
+    def gid_step():
+        weighted_total(gid(images, targets), gid.weight_dict).backward()
+
+    steps = {"student": student_step, "student+teacher": student_teacher_step, "gid": gid_step}
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for repeat in range(warmup + repeats):
+        order = names[repeat % 3:] + names[: repeat % 3]  # rotate which step runs first
+        for name in order:
+            torch.manual_seed(repeat)  # Faster R-CNN samples anchors and RoIs
+            elapsed = timed(steps[name], device)
+            student.zero_grad(set_to_none=True)
+            gid.zero_grad(set_to_none=True)
+            if repeat >= warmup:
+                times[name].append(elapsed)
+    overheads = [(g - st) / s for s, st, g in zip(times["student"], times["student+teacher"], times["gid"])]
+    return {"family": family, "scale": scale, "device": str(device), "batch": batch, "image_size": size,
+            "median_s": {name: statistics.median(v) for name, v in times.items()},
+            "overhead": statistics.median(overheads), "overheads": overheads, "target": TARGET}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--families", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    parser.add_argument("--scale", default="quick", choices=list(SCALES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
+    parser.add_argument("--image-size", type=int, default=None, help="square image side (default: the scale's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    results = []
+    print("| family | student step (s) | student + teacher forward (s) | GID step (s) | overhead | target |")
+    print("|---|---|---|---|---|---|")
+    for family in args.families:
+        r = bench_family(family, args.scale, device, args.repeats, args.warmup, args.batch_size, args.image_size)
+        results.append(r)
+        m = r["median_s"]
+        verdict = "met" if r["overhead"] <= TARGET else "NOT met"
+        print(f"| {family} | {m['student']:.3f} | {m['student+teacher']:.3f} | {m['gid']:.3f} | {r['overhead']:+.3f} | "
+              f"<= {TARGET} {verdict} |", flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
