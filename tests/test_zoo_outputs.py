@@ -204,3 +204,20 @@ def test_bad_input_gets_a_clear_error(change, message):
     model = tiny(RetinaNet)
     with pytest.raises((ValueError, KeyError), match=message):
         model(*change(*batch()))
+
+
+@pytest.mark.parametrize("cls,levels", [(RetinaNet, "p3p7"), (FCOS, "p3p7"), (FasterRCNN, "p2p6")])
+def test_head_outputs_are_float32_under_bf16_autocast(cls, levels):
+    """bf16 resolves ~8 px at 1000 px: boxes are decoded and losses computed in float32."""
+    model = tiny(cls, levels=levels).train()
+    images, sizes, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, sizes, targets)
+        terms = model.build_criterion()(out, targets)
+    if cls is FasterRCNN:
+        assert out.features[0].dtype == torch.bfloat16  # autocast is really on
+        assert out.rpn_deltas.dtype == out.class_logits.dtype == out.proposals[0].dtype == torch.float32
+    else:
+        assert out.features[0].dtype == torch.bfloat16
+        assert out.cls_logits.dtype == out.box_regression.dtype == out.pred_boxes.dtype == torch.float32
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())

@@ -107,8 +107,9 @@ class DistributionRetinaNet(RetinaNet):
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        cls_logits = self.head.classification_head(features)
+        cls_logits = self.head.classification_head(features).float()
         box_logits, _ = self.head.regression_head(features)
+        box_logits = box_logits.float()  # decoded in float32 (see RetinaNet.run_head)
         return cls_logits, integral(box_logits, self.reg_max), box_logits
 
     def decode_boxes(self, box_regression: Tensor, anchors: Tensor, layout: SlotLayout) -> Tensor:
@@ -157,9 +158,10 @@ class DistributionFCOS(FCOS):
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        cls_logits = self.head.classification_head(features)
+        cls_logits = self.head.classification_head(features).float()
         box_logits, centerness = self.head.regression_head(features)
-        return cls_logits, integral(box_logits, self.reg_max), centerness, box_logits
+        box_logits = box_logits.float()  # decoded in float32 (see RetinaNet.run_head)
+        return cls_logits, integral(box_logits, self.reg_max), centerness.float(), box_logits
 
     def build_criterion(self) -> "DistributionFCOSCriterion":
         return DistributionFCOSCriterion(self.num_classes, self.reg_max)

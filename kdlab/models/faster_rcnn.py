@@ -89,6 +89,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         anchors = batch_anchors(self.rpn.anchor_generator, images, feature_maps)  # [A, 4]
         num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness_maps]
         objectness, rpn_deltas = concat_box_prediction_layers(objectness_maps, delta_maps)  # [B*A, 1], [B*A, 4]
+        objectness, rpn_deltas = objectness.float(), rpn_deltas.float()  # decode in float32 under bf16 autocast
         batch = images.shape[0]
         proposals = self.rpn.box_coder.decode(rpn_deltas.detach(), [anchors] * batch).view(batch, -1, 4)
         proposals, proposal_scores = self.rpn.filter_proposals(
@@ -112,6 +113,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         roi_features = self.roi_heads.box_roi_pool(features, rois, image_sizes)  # [R, C, 7, 7]
         box_features = self.roi_heads.box_head(roi_features)  # [R, D]
         class_logits, box_deltas = self.roi_heads.box_predictor(box_features)  # [R, K], [R, 4K]
+        class_logits, box_deltas = class_logits.float(), box_deltas.float()
 
         levels = torch.repeat_interleave(
             torch.arange(len(num_anchors_per_level), device=anchors.device),

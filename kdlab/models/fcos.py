@@ -98,9 +98,10 @@ class FCOS(tv_fcos.FCOS, Detector):
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """``(cls_logits [B, N, C], box_regression [B, N, 4], centerness [B, N], box_logits or None)``."""
+        """``(cls_logits [B, N, C], box_regression [B, N, 4], centerness [B, N], box_logits or None)``, float32."""
         head_outputs = self.head(features)
-        return head_outputs["cls_logits"], head_outputs["bbox_regression"], head_outputs["bbox_ctrness"][..., 0], None
+        return (head_outputs["cls_logits"].float(), head_outputs["bbox_regression"].float(),
+                head_outputs["bbox_ctrness"][..., 0].float(), None)
 
     @torch.no_grad()
     def assign(self, anchor_boxes: Tensor, num_per_level: list[int], targets: list[dict]) -> DenseAssignment:

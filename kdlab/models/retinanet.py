@@ -116,9 +116,13 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(cls_logits [B, N, C], box_regression [B, N, 4], box_logits or None)``."""
+        """``(cls_logits [B, N, C], box_regression [B, N, 4], box_logits or None)``, in float32.
+
+        Under bf16 autocast (GPU) the convs return bf16; boxes are decoded and losses computed in
+        float32, since bf16 resolves only ~8 px at 1000 px (a no-op in float32).
+        """
         head_outputs = self.head(features)
-        return head_outputs["cls_logits"], head_outputs["bbox_regression"], None
+        return head_outputs["cls_logits"].float(), head_outputs["bbox_regression"].float(), None
 
     def decode_boxes(self, box_regression: Tensor, anchors: Tensor, layout: SlotLayout) -> Tensor:
         """``[B, N, 4]`` xyxy boxes from deltas: ``cx = cx_a + dx w_a``, ``w = w_a exp(dw)`` (same for y, h)."""

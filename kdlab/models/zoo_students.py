@@ -109,15 +109,15 @@ def fcos(
     fpn_channels: int = 256,
     head_convs: int = 4,
     reg_max: int | None = None,
-    score_thresh: float = 0.2,
+    score_thresh: float = 0.05,
     nms_thresh: float = 0.6,
     detections_per_img: int = 100,
 ) -> FCOS:
     """FCOS (torchvision's head: GroupNorm towers, centre-ness on the box tower) on any backbone.
 
     Args are those of :func:`retinanet`; ``reg_max`` gives
-    :class:`~kdlab.models.dist_heads.DistributionFCOS`. Post-processing defaults are torchvision's
-    (score 0.2, NMS 0.6); use ``score_thresh=0.05`` for COCO-style AP.
+    :class:`~kdlab.models.dist_heads.DistributionFCOS`. Post-processing: NMS 0.6 as torchvision,
+    score threshold 0.05 as for COCO-style AP (torchvision's FCOS uses 0.2).
     """
     body = _backbone("p3p7", backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels)
     head = tv_fcos.FCOSHead(fpn_channels, 1, num_classes, num_convs=0)  # towers replaced below (any width)
@@ -139,25 +139,35 @@ def faster_rcnn(
     backbone_weights: str | None = None,
     backbone_norm: str | None = None,
     fpn_channels: int = 256,
-    representation_size: int = 1024,
+    representation_size: int | None = None,
     anchor_scale: float = 8.0,
-    rpn_post_nms_top_n_train: int = 2000,
+    rpn_pre_nms_top_n_train: int = 1000,
+    rpn_post_nms_top_n_train: int = 1000,
     rpn_post_nms_top_n_test: int = 1000,
-    box_batch_size_per_image: int = 512,
+    box_batch_size_per_image: int = 128,
     box_score_thresh: float = 0.05,
     box_detections_per_img: int = 100,
 ) -> FasterRCNN:
     """Faster R-CNN with FPN P2-P6 (torchvision's layout) on any backbone; kdlab labels ``0 .. C-1``.
 
+    The sampling defaults suit the small CPU configurations (RoIAlign's backward dominates a
+    CPU step); torchvision's full-size values are ``rpn_pre/post_nms_top_n_train=2000``,
+    ``box_batch_size_per_image=512`` and ``representation_size=1024`` (or build
+    ``fasterrcnn_resnet50_fpn`` with ``torchvision_labels=False``).
+
     Args:
         num_classes, backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels:
             as :func:`retinanet`.
-        representation_size: width of the box head's two FC layers (1024 in torchvision).
+        representation_size: width of the box head's two FC layers (default ``4 * fpn_channels``,
+            torchvision's 1024 for 256 channels).
         anchor_scale: RPN anchor side / stride (3 aspect ratios per location).
-        rpn_post_nms_top_n_train / _test: proposals kept per image.
-        box_batch_size_per_image: RoIs sampled per image for the box head's loss.
+        rpn_pre_nms_top_n_train: proposals kept per level before NMS in training (1000 at test).
+        rpn_post_nms_top_n_train / _test: proposals kept per image after NMS.
+        box_batch_size_per_image: RoIs sampled per image for the box head's loss (a quarter foreground).
         box_score_thresh, box_detections_per_img: post-processing.
     """
+    if representation_size is None:
+        representation_size = 4 * fpn_channels
     body = _backbone("p2p6", backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels)
     sizes = tuple((int(anchor_scale * s),) for s in LEVEL_LAYOUTS["p2p6"])
     anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
@@ -165,7 +175,8 @@ def faster_rcnn(
     model = FasterRCNN(
         body, num_classes, rpn_anchor_generator=anchor_generator, box_roi_pool=roi_pool,
         box_head=TwoMLPHead(fpn_channels * 7 * 7, representation_size),
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train, rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train, rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
         box_batch_size_per_image=box_batch_size_per_image, box_score_thresh=box_score_thresh,
         box_detections_per_img=box_detections_per_img,
     )
