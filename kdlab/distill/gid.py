@@ -32,11 +32,11 @@ from torchvision.ops.poolers import LevelMapper
 from kdlab.distill.base import Distiller
 from kdlab.distill.gism import GeneralInstances, general_instance_kinds, select_general_instances
 from kdlab.losses.gid import (
-    anchor_iou_hits,
-    center_in_box_hits,
+    MASK_RULES,
     gi_feature_loss,
     gi_relation_loss,
     response_cls_loss,
+    response_mask,
     response_reg_loss,
     zero_with_grad,
 )
@@ -49,7 +49,6 @@ __all__ = ["GID", "select_general_instances", "general_instance_kinds", "pool_gi
 
 GID_VARIANTS = ("paper", "official")
 RELATION_SCOPES = ("image", "batch")
-MASK_RULES = ("anchor_iou", "center")
 
 
 def is_two_stage(output) -> bool:
@@ -100,12 +99,14 @@ def pool_gi_features(
     if len(features) != len(strides):
         raise ValueError(f"got {len(features)} feature maps but {len(strides)} strides")
     log_strides = [math.log2(s) for s in strides]
-    if any(not ls.is_integer() for ls in log_strides) or log_strides != list(range(int(log_strides[0]), int(log_strides[0]) + len(strides))):
+    first = int(log_strides[0])
+    if any(not ls.is_integer() for ls in log_strides) or log_strides != list(range(first, first + len(strides))):
         raise ValueError(f"FPN strides must be consecutive powers of two, got {strides}")
     boxes = torch.cat([b.to(features[0].dtype) for b in gi_boxes])  # [M, 4]
-    batch_idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=boxes.dtype, device=boxes.device) for i, b in enumerate(gi_boxes)])
+    batch_idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=boxes.dtype, device=boxes.device)
+                           for i, b in enumerate(gi_boxes)])
     rois = torch.cat([batch_idx, boxes], dim=1)  # [M, 5]
-    mapper = LevelMapper(int(log_strides[0]), int(log_strides[-1]), canonical_scale, canonical_level)
+    mapper = LevelMapper(first, int(log_strides[-1]), canonical_scale, canonical_level)
     levels = mapper([boxes]) if boxes.shape[0] else boxes.new_zeros(0, dtype=torch.int64)  # [M], 0 = finest
     pooled, order = [], []
     for level, (feature, stride) in enumerate(zip(features, strides)):
@@ -127,37 +128,6 @@ def response_outputs(output) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
         return output.cls_logits, output.box_regression, output.anchors, output.points
     anchors = output.anchors  # Faster R-CNN: only the RPN is distilled
     return output.rpn_objectness[..., None], output.rpn_deltas, anchors, (anchors[:, :2] + anchors[:, 2:]) / 2
-
-
-def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor], rule: str, iou_threshold: float) -> Tensor:
-    """Distillation mask ``[B, N]`` bool: the slots tied to some GI by the detector's own rule.
-
-    Args:
-        anchors: ``[N, 4]`` anchors (``rule="anchor_iou"``).
-        points: ``[N, 2]`` location centres (``rule="center"``).
-        gi_boxes: per image ``[K_i, 4]`` GI boxes.
-        rule: ``"anchor_iou"`` (RetinaNet, RPN) or ``"center"`` (FCOS).
-        iou_threshold: IoU a slot's anchor needs with a GI (``anchor_iou`` only).
-    """
-    if rule == "anchor_iou":
-        if anchors is None:
-            raise ValueError("the 'anchor_iou' response mask needs anchors, but this detector's output has none")
-        num_slots = anchors.shape[0]
-    elif rule == "center":
-        num_slots = points.shape[0]
-    else:
-        raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
-    all_boxes = torch.cat(gi_boxes)  # [M, 4]: one pairwise test for the whole batch
-    if all_boxes.shape[0] == 0:
-        return torch.zeros(len(gi_boxes), num_slots, dtype=torch.bool, device=points.device)
-    if rule == "anchor_iou":
-        hits = anchor_iou_hits(anchors, all_boxes, iou_threshold)  # [N, M]
-    else:
-        hits = center_in_box_hits(points, all_boxes)  # [N, M]
-    counts = torch.tensor([len(b) for b in gi_boxes], device=all_boxes.device)
-    image_of_gi = torch.repeat_interleave(torch.arange(len(gi_boxes), device=all_boxes.device), counts)  # [M]
-    one_hot = torch.nn.functional.one_hot(image_of_gi, len(gi_boxes)).to(torch.float32)  # [M, B]
-    return (hits.to(torch.float32) @ one_hot).T > 0  # [B, N]: some GI of that image hits the slot
 
 
 def default_mask_rule(output) -> tuple[str, float]:
@@ -257,7 +227,8 @@ class GID(Distiller):
             if w < 0:
                 raise ValueError(f"GID weight of {name} must be >= 0, got {w}")
         self.distill_weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
-        self.gism_options = dict(k=num_instances, nms_iou=nms_iou, pre_nms_topk=pre_nms_topk, min_size=min_size, variant=self.gi_score)
+        self.gism_options = dict(k=num_instances, nms_iou=nms_iou, pre_nms_topk=pre_nms_topk, min_size=min_size,
+                                 variant=self.gi_score)
         self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
         if response_mask_rule is not None and response_mask_rule not in MASK_RULES:
             raise ValueError(f"response_mask_rule must be one of {MASK_RULES}, got {response_mask_rule!r}")
@@ -269,7 +240,8 @@ class GID(Distiller):
             student_channels = student_channels or feature_channels(student)
             teacher_channels = teacher_channels or feature_channels(teacher)
             if always_adapt or student_channels != teacher_channels:
-                self.adapter = nn.Conv2d(student_channels, teacher_channels, adapter_kernel_size, padding=adapter_kernel_size // 2)
+                self.adapter = nn.Conv2d(student_channels, teacher_channels, adapter_kernel_size,
+                                         padding=adapter_kernel_size // 2)
         # the latest batch's GIs and response mask [B, N], for analysis and the notebook
         self.last_instances: GeneralInstances | None = None
         self.last_response_mask: Tensor | None = None
@@ -301,7 +273,8 @@ class GID(Distiller):
         """Relation loss per image (mean over images with >= 3 GIs) or over the whole batch."""
         if self.relation_scope == "batch":
             return gi_relation_loss(teacher_feats, student_feats)
-        losses = [gi_relation_loss(t, s) for t, s in zip(teacher_feats.split(counts), student_feats.split(counts)) if t.shape[0] >= 3]
+        pairs = zip(teacher_feats.split(counts), student_feats.split(counts))
+        losses = [gi_relation_loss(t, s) for t, s in pairs if t.shape[0] >= 3]
         num_images = reduce_mean(torch.tensor(float(len(losses)), device=student_feats.device)).clamp(min=1.0)
         if not losses:  # no image with >= 3 GIs: a zero that keeps the student's features in the graph
             return zero_with_grad(student_feats)

@@ -70,7 +70,8 @@ def gism_inputs(output) -> tuple[Tensor, Tensor]:
     if isinstance(output, DenseOutput):
         return output.cls_logits.detach().float().sigmoid(), output.pred_boxes.detach().float()
     if hasattr(output, "rpn_objectness") and hasattr(output, "rpn_deltas"):
-        return output.rpn_objectness.detach().float().sigmoid()[..., None], decode_rpn_boxes(output.rpn_deltas, output.anchors)
+        probs = output.rpn_objectness.detach().float().sigmoid()[..., None]  # [B, N, 1]
+        return probs, decode_rpn_boxes(output.rpn_deltas, output.anchors)
     raise TypeError(
         f"GISM needs a DenseOutput or a two-stage output with rpn_objectness/rpn_deltas/anchors, got {type(output).__name__}"
     )
@@ -228,7 +229,8 @@ def select_general_instances(
     if not 0.0 < nms_iou <= 1.0:
         raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
     if type(teacher_out) is not type(student_out):
-        raise TypeError(f"teacher output is a {type(teacher_out).__name__} but student output is a {type(student_out).__name__}")
+        raise TypeError(f"teacher output is a {type(teacher_out).__name__} but student output is a "
+                        f"{type(student_out).__name__}")
     teacher_probs, teacher_boxes = gism_inputs(teacher_out)
     student_probs, student_boxes = gism_inputs(student_out)
     scores, teacher_higher = general_instance_scores(teacher_probs, student_probs, variant)  # [B, N]
@@ -240,7 +242,8 @@ def select_general_instances(
                               pre_nms_topk=pre_nms_topk, min_size=min_size)
 
 
-def general_instance_kinds(gi_boxes: Tensor, gt_boxes: Tensor, positive_iou: float = 0.7, background_iou: float = 0.3) -> Tensor:
+def general_instance_kinds(gi_boxes: Tensor, gt_boxes: Tensor, positive_iou: float = 0.7,
+                           background_iou: float = 0.3) -> Tensor:
     """Relation of each GI to the ground truth, as the paper colours them.
 
     ``positive`` if ``max_g IoU(GI, g) >= positive_iou``, ``background`` if ``< background_iou``,

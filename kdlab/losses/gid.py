@@ -13,13 +13,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
+MASK_RULES = ("anchor_iou", "center")
+
 
 def zero_with_grad(*tensors: Tensor) -> Tensor:
     """A scalar 0 that still depends on ``tensors`` (DDP needs every parameter in the graph)."""
     return sum(t.sum() * 0.0 for t in tensors)
 
 
-def gi_feature_loss(teacher_features: Tensor, student_features: Tensor, num_instances: Tensor | float | None = None) -> Tensor:
+def gi_feature_loss(teacher_features: Tensor, student_features: Tensor,
+                    num_instances: Tensor | float | None = None) -> Tensor:
     """Feature-based loss: squared L2 between GI features, averaged over GIs and cells.
 
     ``L_feature = 1 / (K S²) Σ_k Σ_{cells} ||f_t^k − f_s^k||²`` (the squared norm runs over channels).
@@ -106,7 +109,8 @@ def response_cls_loss(student_logits: Tensor, teacher_logits: Tensor, num_output
         num_outputs: ``M`` to divide by (default: ``student_logits.shape[0]``, at least 1).
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"response logits differ in shape: student {tuple(student_logits.shape)}, teacher {tuple(teacher_logits.shape)}")
+        raise ValueError(f"response logits differ in shape: student {tuple(student_logits.shape)}, "
+                         f"teacher {tuple(teacher_logits.shape)}")
     if num_outputs is None:
         num_outputs = student_logits.shape[0]
     loss = F.binary_cross_entropy_with_logits(student_logits.float(), teacher_logits.float().sigmoid(), reduction="sum")
@@ -125,7 +129,8 @@ def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_output
         num_outputs: ``M`` to divide by (default: ``student_deltas.shape[0]``, at least 1).
     """
     if student_deltas.shape != teacher_deltas.shape:
-        raise ValueError(f"response box outputs differ in shape: student {tuple(student_deltas.shape)}, teacher {tuple(teacher_deltas.shape)}")
+        raise ValueError(f"response box outputs differ in shape: student {tuple(student_deltas.shape)}, "
+                         f"teacher {tuple(teacher_deltas.shape)}")
     if num_outputs is None:
         num_outputs = student_deltas.shape[0]
     loss = F.l1_loss(student_deltas.float(), teacher_deltas.float(), reduction="sum")
@@ -170,3 +175,35 @@ def center_in_box_mask(points: Tensor, gi_boxes: Tensor) -> Tensor:
         ``[N]`` bool.
     """
     return center_in_box_hits(points, gi_boxes).any(dim=1)
+
+
+def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor], rule: str,
+                  iou_threshold: float) -> Tensor:
+    """Distillation mask ``[B, N]`` bool: the slots tied to some GI by the detector's own rule.
+
+    Args:
+        anchors: ``[N, 4]`` anchors (``rule="anchor_iou"``).
+        points: ``[N, 2]`` location centres (``rule="center"``).
+        gi_boxes: per image ``[K_i, 4]`` GI boxes.
+        rule: ``"anchor_iou"`` (RetinaNet, RPN) or ``"center"`` (FCOS).
+        iou_threshold: IoU a slot's anchor needs with a GI (``anchor_iou`` only).
+    """
+    if rule == "anchor_iou":
+        if anchors is None:
+            raise ValueError("the 'anchor_iou' response mask needs anchors, but this detector's output has none")
+        num_slots = anchors.shape[0]
+    elif rule == "center":
+        num_slots = points.shape[0]
+    else:
+        raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
+    all_boxes = torch.cat(gi_boxes)  # [M, 4]: one pairwise test for the whole batch
+    if all_boxes.shape[0] == 0:
+        return torch.zeros(len(gi_boxes), num_slots, dtype=torch.bool, device=points.device)
+    if rule == "anchor_iou":
+        hits = anchor_iou_hits(anchors, all_boxes, iou_threshold)  # [N, M]
+    else:
+        hits = center_in_box_hits(points, all_boxes)  # [N, M]
+    counts = torch.tensor([len(b) for b in gi_boxes], device=all_boxes.device)
+    image_of_gi = torch.repeat_interleave(torch.arange(len(gi_boxes), device=all_boxes.device), counts)  # [M]
+    one_hot = F.one_hot(image_of_gi, len(gi_boxes)).to(torch.float32)  # [M, B]
+    return (hits.to(torch.float32) @ one_hot).T > 0  # [B, N]: some GI of that image hits the slot
