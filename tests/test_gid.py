@@ -513,3 +513,32 @@ def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
     weighted_total(terms, gid.weight_dict).backward()
     assert all(p.grad is None for p in gid.teacher.parameters())
     assert gid.adapter.weight.grad is not None
+
+
+def test_pooling_and_feature_loss_with_bfloat16_maps():
+    # under CUDA autocast the FPN maps are bf16: GI boxes and pooled features stay float32
+    torch.manual_seed(0)
+    features = [torch.randn(1, 4, 32, 32)]
+    boxes = [torch.tensor([[100.5, 60.25, 180.75, 140.0]])]
+    exact = pool_gi_features(features, [8], boxes)
+    half = pool_gi_features([features[0].bfloat16()], [8], boxes)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, exact, atol=0.05, rtol=0.02)
+    assert gi_feature_loss(half.bfloat16(), exact).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_gid_with_torchvisions_coco_retinanet_architecture_as_teacher():
+    # the COCO recipe: torchvision's retinanet_resnet50_fpn (random weights here, COCO_V1 in practice)
+    from kdlab.models import build_detector
+
+    torch.manual_seed(0)
+    teacher = build_detector("retinanet_resnet50_fpn", 91)
+    student = build_detector("retinanet", 91, backbone="resnet18", backbone_width=8, fpn_channels=32, head_convs=1)
+    gid = GID(student, teacher, min_size=2.0)
+    assert gid.adapter.in_channels == 32 and gid.adapter.out_channels == 256
+    images, targets = tiny_batch()
+    terms = gid(images, targets)
+    weighted_total(terms, gid.weight_dict).backward()
+    assert all(torch.isfinite(terms[k]) for k in gid.distill_weight_dict)
+    assert all(p.grad is None for p in teacher.parameters())

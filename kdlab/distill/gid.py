@@ -18,6 +18,14 @@ instances* (GIs) per image, the places where teacher and student disagree most
 ``variant="official"`` switches the GI score and the relation scope to the released code's
 choices; each can also be set alone (``gi_score``, ``relation_scope``). A weight of 0 switches a
 term off (it is then neither computed nor logged).
+
+Teachers: any trained detector of the student's family whose predictions correspond slot by slot
+(same strides, anchors and classes; the FPN widths may differ). On shapes: the project's teachers
+(``configs/shapes_gid_*_teacher.yaml``). On COCO, torchvision's weights through the zoo, e.g.
+``teacher = build_detector("retinanet_resnet50_fpn", 91, weights="COCO_V1")`` with a
+``build_detector("retinanet", 91, backbone="resnet18", ...)`` student (torchvision's 91 COCO slots,
+anchors ``4 * stride`` x 3 scales x 3 ratios on both); or restrict both to a dataset's classes
+with ``restrict_classes_``. A mismatch raises a ``ValueError`` naming both shapes.
 """
 
 from __future__ import annotations
@@ -94,7 +102,7 @@ def pool_gi_features(
         sampling_ratio: sampling points per bin side (2).
 
     Returns:
-        ``[sum_i K_i, C, S, S]`` pooled features, images in batch order.
+        ``[sum_i K_i, C, S, S]`` float32 pooled features, images in batch order.
     """
     if len(features) != len(strides):
         raise ValueError(f"got {len(features)} feature maps but {len(strides)} strides")
@@ -102,7 +110,7 @@ def pool_gi_features(
     first = int(log_strides[0])
     if any(not ls.is_integer() for ls in log_strides) or log_strides != list(range(first, first + len(strides))):
         raise ValueError(f"FPN strides must be consecutive powers of two, got {strides}")
-    boxes = torch.cat([b.to(features[0].dtype) for b in gi_boxes])  # [M, 4]
+    boxes = torch.cat([b.float() for b in gi_boxes])  # [M, 4]; float32 even for bf16 maps (1 px matters)
     batch_idx = torch.cat([torch.full((b.shape[0], 1), i, dtype=boxes.dtype, device=boxes.device)
                            for i, b in enumerate(gi_boxes)])
     rois = torch.cat([batch_idx, boxes], dim=1)  # [M, 5]
@@ -112,14 +120,14 @@ def pool_gi_features(
     for level, (feature, stride) in enumerate(zip(features, strides)):
         idx = torch.where(levels == level)[0]
         if idx.numel():
-            pooled.append(roi_align(feature, rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned=True))
+            pooled.append(roi_align(feature.float(), rois[idx], output_size, 1.0 / stride, sampling_ratio, aligned=True))
             order.append(idx)
     if not pooled:
-        return features[0].new_zeros(0, features[0].shape[1], output_size, output_size)
+        return features[0].new_zeros(0, features[0].shape[1], output_size, output_size, dtype=torch.float32)
     # back to batch order with a gather (cheaper to differentiate than writing into a zero tensor)
     inverse = torch.empty_like(levels)
     inverse[torch.cat(order)] = torch.arange(levels.numel(), device=levels.device)
-    return torch.cat(pooled)[inverse].to(features[0].dtype)
+    return torch.cat(pooled)[inverse]
 
 
 def response_outputs(output) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:

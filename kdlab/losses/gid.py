@@ -45,7 +45,8 @@ def gi_feature_loss(teacher_features: Tensor, student_features: Tensor,
     cells = teacher_features.shape[-2] * teacher_features.shape[-1]
     if num_instances is None:
         num_instances = teacher_features.shape[0]
-    return (student_features - teacher_features).pow(2).sum() / (torch.as_tensor(num_instances).clamp(min=1) * cells)
+    squared_error = (student_features.float() - teacher_features.float()).pow(2).sum()
+    return squared_error / (torch.as_tensor(num_instances).clamp(min=1) * cells)
 
 
 def normalized_distances(features: Tensor, eps: float = 1e-12) -> Tensor:
