@@ -359,3 +359,41 @@ def test_no_gradient_reaches_the_teacher():
     with torch.no_grad():
         t_out = teacher(_batch()[0], [(64, 64)] * 2)
     assert not t_out.box_logits.requires_grad
+
+
+# ---------------------------------------------------------------- the zoo's distribution-head RetinaNet and FCOS
+
+
+def _tiny_zoo(name, seed=0, **kw):
+    torch.manual_seed(seed)
+    return build_detector(name, 3, backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=16,
+                          head_convs=1, **kw)
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_ld_on_distribution_retinanet_and_fcos(name):
+    student, teacher = _tiny_zoo(name, 0, reg_max=8), _tiny_zoo(name, 1, reg_max=8)
+    images, targets = _batch()
+    s_out = student(images, [(64, 64)] * 2, targets)
+    assert s_out.box_logits.shape[-1] == 4 * 9
+    if name == "fcos":  # anchor-free: the VLR is the negatives inside a GT, weighted by the student's score
+        assert s_out.anchors is None
+        expected = anchor_free_vlr(s_out.points, targets[0]["boxes"], s_out.assignment.pos_mask[0], s_out.cls_logits[0])
+        assert torch.equal(vlr_weights(s_out)[0], expected) and (expected > 0).any()
+    else:  # max-IoU assignment without ATSS thresholds: LD computes them from the anchors
+        assert s_out.assignment.iou_thr is None and s_out.anchors is not None
+        thr = atss_assign(s_out.anchors, s_out.num_per_level, targets[0]["boxes"], 9).iou_thr
+        region = valuable_localization_region(s_out.anchors, targets[0]["boxes"], thr, 0.25, "mask").weight
+        assert torch.equal(vlr_weights(s_out)[0], region) and region.sum() > 0
+    terms = LD(student, teacher, vlr_kd_weight=1.0)(images, targets)
+    assert all(terms[k].item() > 0 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
+    same = LD(student, copy.deepcopy(student), vlr_kd_weight=1.0)(images, targets)
+    assert all(same[k].abs().item() < 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
+
+
+def test_ld_errors_across_detectors():
+    images, targets = _batch()
+    with pytest.raises(ValueError, match="slot layout"):  # 9 anchors per location vs 1
+        LD(_tiny_gfl(0, reg_max=8), _tiny_zoo("retinanet", 1, reg_max=8))(images, targets)
+    with pytest.raises(ValueError, match="distribution box head"):  # a plain (delta-regression) RetinaNet
+        LD(_tiny_zoo("retinanet", 0, reg_max=8), _tiny_zoo("retinanet", 1))(images, targets)
