@@ -2,7 +2,7 @@
 
 ::
 
-    kdlab data shapes --out data/shapes [--num-train 1000 --num-val 250 --image-size 128 --seed 0]
+    kdlab data shapes --out data/shapes [--num-train 4000 --num-val 250 --image-size 128 --seed 0]
     kdlab train CONFIG [--resume] [--output-dir DIR] [--set key=value ...] [--no-progress]
     kdlab eval CONFIG --checkpoint FILE [--set key=value ...] [--output FILE]
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="{shapes}")
     shapes = data_commands.add_parser("shapes", help="write the synthetic *shapes* detection set (COCO format)")
     shapes.add_argument("--out", required=True, type=Path, help="output folder")
-    shapes.add_argument("--num-train", type=int, default=1000, help="training images (default 1000)")
+    shapes.add_argument("--num-train", type=int, default=4000, help="training images (default 4000)")
     shapes.add_argument("--num-val", type=int, default=250, help="validation images (default 250)")
     shapes.add_argument("--image-size", type=int, default=128, help="side of the square images (default 128)")
     shapes.add_argument("--seed", type=int, default=0, help="the set is a function of this seed (default 0)")
