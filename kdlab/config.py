@@ -42,7 +42,8 @@ class TrainConfig:
     Model (``None`` = the detector's own default):
         model: detector name for ``kdlab.models.build_detector``.
         backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels, head_convs,
-        reg_max, weights: detector options (``weights``: zoo detectors' pretrained weights).
+        reg_max, octave_base_scale, weights: detector options (``weights``: zoo detectors' pretrained
+        weights; ``octave_base_scale``: GFL's anchor side in strides, 8 for COCO-sized images).
     Optimisation:
         optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
         lr: learning rate for ``base_batch_size`` images; scaled linearly to the real total batch.
@@ -87,6 +88,7 @@ class TrainConfig:
     fpn_channels: int | None = None
     head_convs: int | None = None
     reg_max: int | None = None
+    octave_base_scale: float | None = None
     weights: str | None = None
     # optimisation
     optimizer: str = "sgd"
@@ -119,7 +121,7 @@ class TrainConfig:
     find_unused_parameters: bool = False
 
     MODEL_OPTION_FIELDS = ("backbone", "backbone_width", "backbone_weights", "backbone_norm",
-                           "fpn_channels", "head_convs", "reg_max", "weights")
+                           "fpn_channels", "head_convs", "reg_max", "octave_base_scale", "weights")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
