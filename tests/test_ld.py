@@ -397,3 +397,13 @@ def test_ld_errors_across_detectors():
         LD(_tiny_gfl(0, reg_max=8), _tiny_zoo("retinanet", 1, reg_max=8))(images, targets)
     with pytest.raises(ValueError, match="distribution box head"):  # a plain (delta-regression) RetinaNet
         LD(_tiny_zoo("retinanet", 0, reg_max=8), _tiny_zoo("retinanet", 1))(images, targets)
+
+
+def test_vlr_degenerate_gt_boxes_stay_finite():
+    # BCCD holds 1 x 1 pixel boxes; a zero-area box must not give NaNs either
+    gts = torch.tensor([[3.0, 3.0, 4.0, 4.0], [7.0, 7.0, 7.0, 7.0]])
+    atss = atss_assign(ANCHORS, [6], gts, topk=3)
+    vlr = valuable_localization_region(ANCHORS, gts, atss.iou_thr, alpha=0.25, weighting="iou")
+    assert torch.isfinite(atss.iou_thr).all() and torch.isfinite(vlr.weight).all()
+    # the zero-area box overlaps nothing: its threshold is 0 and its region is empty
+    assert atss.iou_thr[1].item() == 0.0 and not (vlr.matched_gt == 1).any()
