@@ -407,3 +407,15 @@ def test_vlr_degenerate_gt_boxes_stay_finite():
     assert torch.isfinite(atss.iou_thr).all() and torch.isfinite(vlr.weight).all()
     # the zero-area box overlaps nothing: its threshold is 0 and its region is empty
     assert atss.iou_thr[1].item() == 0.0 and not (vlr.matched_gt == 1).any()
+
+
+def test_vlr_batched_equals_per_image():
+    gts = [GT, torch.cat([GT, torch.tensor([[6.0, 0.0, 16.0, 10.0]])]), torch.zeros(0, 4)]
+    thrs = [torch.tensor([_thr_by_hand()]), torch.tensor([_thr_by_hand(), 0.9]), torch.zeros(0)]
+    padded_gt, padded_thr = torch.zeros(3, 2, 4), torch.zeros(3, 2)  # zero boxes with threshold 0: in no region
+    for b, (g, t) in enumerate(zip(gts, thrs)):
+        padded_gt[b, : len(g)], padded_thr[b, : len(g)] = g, t
+    batched = valuable_localization_region(ANCHORS, padded_gt, padded_thr, weighting="iou")
+    for b, (g, t) in enumerate(zip(gts, thrs)):
+        single = valuable_localization_region(ANCHORS, g, t, weighting="iou")
+        assert torch.equal(batched.weight[b], single.weight) and torch.equal(batched.matched_gt[b], single.matched_gt)

@@ -79,35 +79,40 @@ def valuable_localization_region(
 ) -> VLR:
     """The VLR of one image: ``alpha * thr_g <= DIoU(anchor, g) < thr_g``, highest-IoU GT wins.
 
+    Leading batch dimensions are allowed on the GT side (``[..., G, 4]``, ``[..., G]``): the anchors
+    are shared, so a batch is one call (pad with zero boxes and threshold 0: they are in no region).
+
     Args:
         anchors: ``[N, 4]`` xyxy anchor box of every location (input pixels).
-        gt_boxes: ``[G, 4]`` xyxy GT boxes (``G`` may be 0).
-        iou_thr: ``[G]`` ATSS threshold of each GT (``DenseAssignment.iou_thr`` or
+        gt_boxes: ``[G, 4]`` (or ``[..., G, 4]``) xyxy GT boxes (``G`` may be 0).
+        iou_thr: ``[G]`` (or ``[..., G]``) ATSS threshold of each GT (``DenseAssignment.iou_thr`` or
             :func:`candidate_iou_threshold`).
         alpha: lower bound of the region as a fraction of the threshold (LD: 0.25).
         weighting: ``"mask"`` (paper: weight 1 in the region) or ``"iou"`` (released code: the IoU
             with the assigned GT).
 
     Returns:
-        :class:`VLR` with ``[N]`` weight, matched GT and IoU.
+        :class:`VLR` with ``[N]`` (or ``[..., N]``) weight, matched GT and IoU.
     """
     if weighting not in VLR_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {VLR_WEIGHTINGS}, got {weighting!r}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
-    if iou_thr.shape != (gt_boxes.shape[0],):
-        raise ValueError(f"iou_thr has shape {tuple(iou_thr.shape)}; expected ({gt_boxes.shape[0]},), one per GT box")
-    num_locations = anchors.shape[0]
-    if gt_boxes.shape[0] == 0:
-        zeros = anchors.new_zeros((num_locations,))
-        return VLR(weight=zeros, matched_gt=torch.full((num_locations,), -1, dtype=torch.long, device=anchors.device), iou=zeros)
-    anchors, gt_boxes, iou_thr = anchors.float(), gt_boxes.float(), iou_thr.float()
-    ious = box_iou(anchors, gt_boxes)  # [N, G]
-    dious = diou(anchors, gt_boxes)  # [N, G]
-    in_region = (dious >= alpha * iou_thr[None, :]) & (dious < iou_thr[None, :])  # [N, G]
+    if gt_boxes.dim() < 2 or gt_boxes.shape[-1] != 4 or iou_thr.shape != gt_boxes.shape[:-1]:
+        raise ValueError(f"iou_thr has shape {tuple(iou_thr.shape)}; expected {tuple(gt_boxes.shape[:-1])}, one per GT box "
+                         f"of gt_boxes {tuple(gt_boxes.shape)}")
+    batch_shape, num_gt, num_locations = gt_boxes.shape[:-2], gt_boxes.shape[-2], anchors.shape[0]
+    if num_gt == 0:
+        zeros = anchors.new_zeros((*batch_shape, num_locations))
+        return VLR(weight=zeros, matched_gt=torch.full(zeros.shape, -1, dtype=torch.long, device=anchors.device), iou=zeros)
+    anchors, flat_gt, iou_thr = anchors.float(), gt_boxes.float().reshape(-1, 4), iou_thr.float()
+    ious = box_iou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
+    dious = diou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
+    thr = iou_thr[..., None, :]  # [..., 1, G]
+    in_region = (dious >= alpha * thr) & (dious < thr)  # [..., N, G]
     # a location in several GTs' regions takes the GT with the highest IoU
-    best_iou, best_gt = torch.where(in_region, ious, torch.full_like(ious, -1.0)).max(dim=1)  # [N]
-    inside = in_region.any(dim=1)
+    best_iou, best_gt = torch.where(in_region, ious, torch.full_like(ious, -1.0)).max(dim=-1)  # [..., N]
+    inside = in_region.any(dim=-1)
     matched_gt = torch.where(inside, best_gt, torch.full_like(best_gt, -1))
     iou = torch.where(inside, best_iou, torch.zeros_like(best_iou))
     weight = inside.float() if weighting == "mask" else iou
@@ -158,14 +163,18 @@ def vlr_weights(output: DenseOutput, alpha: float = 0.25, weighting: str = "mask
     assignment = output.assignment
     if assignment is None:
         raise ValueError("the VLR needs the student's label assignment: run the student with targets")
-    weights = []
+    if output.anchors is None:
+        return torch.stack([anchor_free_vlr(output.points, gt_boxes, assignment.pos_mask[b], output.cls_logits[b])
+                            for b, gt_boxes in enumerate(assignment.gt_boxes)])  # [B, N]
+    # one call for the batch: GTs padded to the largest count with zero boxes of threshold 0 (in no region)
+    num_images, max_gt = len(assignment.gt_boxes), max([len(g) for g in assignment.gt_boxes] + [0])
+    padded_gt = output.anchors.new_zeros((num_images, max_gt, 4))
+    padded_thr = output.anchors.new_zeros((num_images, max_gt))
     for b, gt_boxes in enumerate(assignment.gt_boxes):
-        if output.anchors is None:
-            weights.append(anchor_free_vlr(output.points, gt_boxes, assignment.pos_mask[b], output.cls_logits[b]))
-            continue
         if assignment.iou_thr is not None:
             iou_thr = assignment.iou_thr[b]
         else:
             iou_thr = atss_assign(output.anchors, output.num_per_level, gt_boxes.float(), atss_topk).iou_thr
-        weights.append(valuable_localization_region(output.anchors, gt_boxes, iou_thr, alpha, weighting).weight)
-    return torch.stack(weights)  # [B, N]
+        padded_gt[b, : len(gt_boxes)] = gt_boxes
+        padded_thr[b, : len(gt_boxes)] = iou_thr
+    return valuable_localization_region(output.anchors, padded_gt, padded_thr, alpha, weighting).weight  # [B, N]
