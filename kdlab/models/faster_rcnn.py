@@ -59,9 +59,9 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         class_names: list[str] | None = None,
         **torchvision_kwargs,
     ):
-        self_label_offset = 0 if torchvision_labels else 1
-        super().__init__(backbone, num_classes + self_label_offset, **torchvision_kwargs)
-        self.label_offset = self_label_offset
+        label_offset = 0 if torchvision_labels else 1  # torchvision's column 0 is the background
+        super().__init__(backbone, num_classes + label_offset, **torchvision_kwargs)
+        self.label_offset = label_offset
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
 
