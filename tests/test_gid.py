@@ -473,25 +473,16 @@ def test_level_strides_of_a_dense_output():
 
 
 def tiny_zoo_detector(family: str, fpn_channels: int, seed: int):
-    from kdlab.models.zoo_backbones import build_fpn_backbone
+    from kdlab.models import build_detector
 
     torch.manual_seed(seed)
+    options = dict(backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=fpn_channels)
     if family == "faster_rcnn":
-        from kdlab.models.faster_rcnn import FasterRCNN
-
-        backbone = build_fpn_backbone("resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=fpn_channels, levels="p2p6")
-        return FasterRCNN(backbone, 3)
-    backbone = build_fpn_backbone("resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=fpn_channels, levels="p3p7")
-    if family == "retinanet":
-        from kdlab.models.retinanet import RetinaNet
-
-        return RetinaNet(backbone, 3)
-    from kdlab.models.fcos import FCOS
-
-    return FCOS(backbone, 3)
+        return build_detector(family, 3, **options, representation_size=64, box_batch_size_per_image=64)
+    return build_detector(family, 3, **options, head_convs=1)
 
 
-@pytest.mark.parametrize("family", ["retinanet", "fcos", "faster_rcnn"])
+@pytest.mark.parametrize("family", ["retinanet", "fcos", pytest.param("faster_rcnn", marks=pytest.mark.slow)])
 def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
     student, teacher = tiny_zoo_detector(family, 32, 0), tiny_zoo_detector(family, 64, 1)
     gid = GID(student, teacher, min_size=2.0)
