@@ -188,42 +188,54 @@ class LD(Distiller):
         num_levels = len(student_out.num_per_level)
         terms: dict[str, Tensor] = {}
 
+        # per-slot losses of the whole batch, once per temperature ([B, N]); every term weights them by
+        # its region (0 outside), so main and VLR LD share one softmax of each model's distributions
+        ld_maps: dict[float, Tensor] = {}
+        kd_maps: dict[float, Tensor] = {}
+
+        def ld_map(temperature: float) -> Tensor:  # LD averaged over the 4 edges, [B, N]
+            if temperature not in ld_maps:
+                s_box, t_box = student_out.box_logits, teacher_out.box_logits
+                ld_maps[temperature] = edge_ld(s_box.flatten(0, 1), t_box.flatten(0, 1), reg_max, temperature).view(s_box.shape[:2])
+            return ld_maps[temperature]
+
+        def kd_map(temperature: float) -> Tensor:  # class KD, [B, N]
+            if temperature not in kd_maps:
+                kd_maps[temperature] = ld_kl_div(student_out.cls_logits, teacher_out.cls_logits, temperature)
+            return kd_maps[temperature]
+
         pos_mask = student_out.assignment.pos_mask  # [B, N]
-        pos_levels = student_out.levels[pos_mask.nonzero(as_tuple=True)[1]]  # [P]
         if "loss_ld" in enabled:
             # location weight: the student's max class score, detached (the weight GFL uses for DFL)
-            score = student_out.cls_logits[pos_mask].detach().float().sigmoid().max(dim=1).values  # [P]
-            ld = edge_ld(student_out.box_logits[pos_mask], teacher_out.box_logits[pos_mask], reg_max,
-                         self.temperatures["loss_ld"])  # [P], mean over the 4 edges
+            score = student_out.cls_logits.detach().float().sigmoid().max(dim=-1).values  # [B, N]
+            weight = torch.where(pos_mask, score, torch.zeros_like(score))
+            ld = ld_map(self.temperatures["loss_ld"])
             if official:  # sum_i w_i sum_e LD_i,e / 4
-                terms["loss_ld"] = (4 * ld * score).sum() / OFFICIAL_MAIN_LD_DIVISOR
+                terms["loss_ld"] = (4 * ld * weight).sum() / OFFICIAL_MAIN_LD_DIVISOR
             else:
-                terms["loss_ld"] = weighted_mean(ld, score)
+                terms["loss_ld"] = weighted_mean(ld, weight)
         if "loss_kd" in enabled:
-            kd = ld_kl_div(student_out.cls_logits[pos_mask], teacher_out.cls_logits[pos_mask], self.temperatures["loss_kd"])  # [P]
+            kd = kd_map(self.temperatures["loss_kd"])
             if official:
-                terms["loss_kd"] = per_level_mean_sum(kd, pos_levels, num_levels)
+                terms["loss_kd"] = per_level_mean_sum(kd[pos_mask], student_out.levels.expand_as(pos_mask)[pos_mask], num_levels)
             else:
-                terms["loss_kd"] = weighted_mean(kd, torch.ones_like(kd))
+                terms["loss_kd"] = weighted_mean(kd, pos_mask.float())
 
         if "loss_ld_vlr" in enabled or "loss_kd_vlr" in enabled:
             region_weight = vlr_weights(student_out, self.vlr_alpha, self.vlr_weighting, self.atss_topk)  # [B, N]
             if self.vlr_exclude_positives:
                 region_weight = region_weight * (~pos_mask).float()
-            region = region_weight > 0  # [B, N]
-            weight = region_weight[region]  # [V]
             if "loss_ld_vlr" in enabled:
-                ld = edge_ld(student_out.box_logits[region], teacher_out.box_logits[region], reg_max,
-                             self.temperatures["loss_ld_vlr"])  # [V]
+                ld = ld_map(self.temperatures["loss_ld_vlr"])
                 if official:  # sum_i v_i sum_e LD_i,e / 16
-                    terms["loss_ld_vlr"] = (4 * ld * weight).sum() / OFFICIAL_VLR_LD_DIVISOR
+                    terms["loss_ld_vlr"] = (4 * ld * region_weight).sum() / OFFICIAL_VLR_LD_DIVISOR
                 else:
-                    terms["loss_ld_vlr"] = weighted_mean(ld, weight)
+                    terms["loss_ld_vlr"] = weighted_mean(ld, region_weight)
             if "loss_kd_vlr" in enabled:
-                kd = ld_kl_div(student_out.cls_logits[region], teacher_out.cls_logits[region], self.temperatures["loss_kd_vlr"])
+                kd = kd_map(self.temperatures["loss_kd_vlr"])
                 if official:
-                    region_levels = student_out.levels[region.nonzero(as_tuple=True)[1]]
-                    terms["loss_kd_vlr"] = per_level_mean_sum(kd, region_levels, num_levels)
+                    region = region_weight > 0
+                    terms["loss_kd_vlr"] = per_level_mean_sum(kd[region], student_out.levels.expand_as(region)[region], num_levels)
                 else:
-                    terms["loss_kd_vlr"] = weighted_mean(kd, weight)
+                    terms["loss_kd_vlr"] = weighted_mean(kd, region_weight)
         return terms
