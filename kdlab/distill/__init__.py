@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib
 
 from kdlab.distill.base import DetectionTask, Distiller, image_sizes_of
+from kdlab.distill.gid import GID
+from kdlab.distill.ld import LD
 
 # config name -> (module, class); imported lazily so one method's module never slows another's
 DISTILLERS = {
@@ -38,4 +40,4 @@ def build_distiller(name: str, student, teacher, **options) -> Distiller:
     return cls(student, teacher, **options)
 
 
-__all__ = ["DetectionTask", "Distiller", "image_sizes_of", "build_distiller", "DISTILLERS"]
+__all__ = ["DetectionTask", "Distiller", "image_sizes_of", "build_distiller", "DISTILLERS", "LD", "GID"]
