@@ -29,7 +29,7 @@ from kdlab.models.fcos import FCOS, FCOSCriterion
 from kdlab.models.outputs import DenseOutput
 from kdlab.models.retinanet import RetinaNet, RetinaNetCriterion, gather_matched_gt_boxes, require_assignment
 from kdlab.models.zoo_common import SlotLayout
-from kdlab.utils.dist import reduce_mean
+from kdlab.utils.dist import reduce_normalizer
 
 
 class DistributionBoxHead(nn.Module):
@@ -178,7 +178,7 @@ class DistributionFCOSCriterion(FCOSCriterion):
     def forward(self, output: DenseOutput, targets: list[dict]) -> dict[str, Tensor]:
         terms = super().forward(output, targets)
         pos_mask = require_assignment(output).pos_mask
-        num_pos = reduce_mean(pos_mask.sum().to(output.box_logits.dtype)).clamp(min=1)
+        num_pos = reduce_normalizer(pos_mask.sum().to(output.box_logits.dtype))
         terms["bbox_dfl"] = dfl_per_positive(output, self.reg_max).sum() / num_pos
         return terms
 

@@ -30,7 +30,7 @@ from kdlab.models.base import Criterion, Detector
 from kdlab.models.faster_rcnn_outputs import RoIAssignment, RPNAssignment, TwoStageOutput
 from kdlab.models.retinanet import _check_columns
 from kdlab.models.zoo_common import batch_anchors, check_batch, normalise_image_sizes
-from kdlab.utils.dist import reduce_mean
+from kdlab.utils.dist import reduce_normalizer
 
 
 class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
@@ -219,7 +219,7 @@ class FasterRCNNCriterion(Criterion):
     - ``loss_classifier = 1/|R| sum_R CE(z_r, c_r)`` (softmax over background + classes);
     - ``loss_box_reg = 1/|R| sum_{R+} smooth_l1(delta_{r, c_r} - delta*_r)`` (deltas of the true class).
 
-    The counts go through ``reduce_mean`` so that DDP equals one big batch (in one process
+    The counts go through ``reduce_normalizer`` so that DDP equals one big batch (in one process
     this is torchvision's mean).
     """
 
@@ -234,7 +234,7 @@ class FasterRCNNCriterion(Criterion):
         if rpn is None or roi is None:
             raise ValueError("the Faster R-CNN loss needs the sampled anchors and RoIs: call the detector with targets")
         sampled = rpn.sampled_pos | rpn.sampled_neg  # [B, A]
-        num_sampled = reduce_mean(sampled.sum().to(output.rpn_objectness.dtype)).clamp(min=1)
+        num_sampled = reduce_normalizer(sampled.sum().to(output.rpn_objectness.dtype))
         loss_objectness = F.binary_cross_entropy_with_logits(
             output.rpn_objectness[sampled], rpn.objectness_targets[sampled], reduction="sum"
         ) / num_sampled
@@ -245,7 +245,7 @@ class FasterRCNNCriterion(Criterion):
             output.rpn_deltas[rpn.sampled_pos], rpn_targets, beta=1 / 9, reduction="sum"
         ) / num_sampled
 
-        num_rois = reduce_mean(torch.tensor(float(len(roi.labels)), device=output.class_logits.device)).clamp(min=1)
+        num_rois = reduce_normalizer(torch.tensor(float(len(roi.labels)), device=output.class_logits.device))
         is_foreground = roi.matched_gt >= 0
         class_columns = torch.where(is_foreground, roi.labels + self.label_offset, 0)  # background = column 0
         loss_classifier = F.cross_entropy(output.class_logits, class_columns, reduction="sum") / num_rois

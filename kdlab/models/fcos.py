@@ -34,7 +34,7 @@ from kdlab.models.zoo_common import (
     postprocess_dense,
     slot_layout,
 )
-from kdlab.utils.dist import reduce_mean
+from kdlab.utils.dist import reduce_normalizer
 
 
 class FCOS(tv_fcos.FCOS, Detector):
@@ -195,7 +195,7 @@ class FCOSCriterion(Criterion):
     - ``bbox_ctrness = 1/n sum_{positives} BCE(c, c*)`` with the centre-ness target
       ``c* = sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))`` of the GT's edge distances.
 
-    ``n`` goes through ``reduce_mean`` so that DDP equals one big batch (identical in one process).
+    ``n`` goes through ``reduce_normalizer`` so that DDP equals one big batch (identical in one process).
     """
 
     def __init__(self, num_classes: int, focal_alpha: float = 0.25, focal_gamma: float = 2.0):
@@ -208,7 +208,7 @@ class FCOSCriterion(Criterion):
     def forward(self, output: DenseOutput, targets: list[dict]) -> dict[str, Tensor]:
         assignment = require_assignment(output)
         pos_mask = assignment.pos_mask  # [B, N]
-        num_pos = reduce_mean(pos_mask.sum().to(output.cls_logits.dtype)).clamp(min=1)
+        num_pos = reduce_normalizer(pos_mask.sum().to(output.cls_logits.dtype))
 
         onehot = torch.zeros_like(output.cls_logits)  # [B, N, C]
         onehot[pos_mask, assignment.labels[pos_mask]] = 1.0
