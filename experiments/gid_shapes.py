@@ -27,11 +27,9 @@ issue's target checked: GID full >= RetinaNet student alone + 1.5 AP on the mean
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +39,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import TrainConfig, load_config  # noqa: E402
 from kdlab.data import build_dataset, make_shapes  # noqa: E402
 from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E402
+from kdlab.engine.experiment import make_config, run  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
 
@@ -69,26 +68,6 @@ def student_config(family: str) -> Path:
 
 def teacher_config(family: str) -> Path:
     return REPO / "configs" / f"shapes_gid_{family}_teacher.yaml"
-
-
-def make_config(base: Path, fields: dict) -> TrainConfig:
-    """``base`` YAML with ``fields`` replaced (checked again by ``TrainConfig``)."""
-    return dataclasses.replace(load_config(base), **fields)
-
-
-def run(cfg: TrainConfig) -> dict[str, float]:
-    """Train ``cfg`` unless an identical finished run exists; resume an identical interrupted one."""
-    out = Path(cfg.output_dir)
-    final, saved = out / "eval_final.json", out / "config.yaml"
-    same = saved.is_file() and load_config(saved).to_dict() == cfg.to_dict()
-    if same and final.is_file():
-        return json.loads(final.read_text())
-    if out.exists() and not same and any(out.iterdir()):
-        raise FileExistsError(f"{out} holds a run with another config; remove it or choose another --out")
-    start = time.time()
-    metrics = train(cfg, resume=same and (out / "last.pt").is_file(), progress=False)
-    print(f"  {out}: AP {100 * metrics['AP']:.1f} ({time.time() - start:.0f} s)", flush=True)
-    return metrics
 
 
 def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str, float]:
