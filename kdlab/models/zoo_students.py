@@ -30,8 +30,14 @@ from kdlab.models.zoo_backbones import LEVEL_LAYOUTS, build_fpn_backbone
 
 
 def head_group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm for head towers: ``gcd(32, channels)`` groups (32 for torchvision's 256 channels)."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm for head towers: 32 groups for torchvision's 256 channels, at least 4 channels a group.
+
+    ``gcd(min(32, channels // 4), channels)`` groups: 32 for 128 or 256 channels, 8 for the narrow
+    32-channel FPNs of the CPU students. One channel a group would normalise a single value on
+    P7 (1 x 1 for a 128-px image): training with one image a batch fails, and larger batches
+    lose every feature there.
+    """
+    return nn.GroupNorm(math.gcd(max(1, min(32, channels // 4)), channels), channels)
 
 
 def _backbone(levels, backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels):
