@@ -18,7 +18,9 @@ the new one (an interrupted command continues where it stopped; a run with its `
 Outputs under ``--out`` (default ``outputs/ld_shapes``, ``outputs/ld_shapes_quick`` with
 ``--quick``/``--max-iters``): one run folder per dataset/variant/seed, ``results.json`` (every
 run's metrics, the teachers', and the mean/std table) and ``results.md`` (mean ± std over seeds of
-AP, AP75, APs in %, sample std).
+AP, AP75, APs in %, sample std). A full run (not a smoke test) with every variant and 3 or more
+seeds also copies both files to ``experiments/results/ld_shapes.{json,md}``, which are tracked in
+git and shown by notebook 02 as the stored full run.
 """
 
 from __future__ import annotations
@@ -77,6 +79,14 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict
     return metrics
 
 
+def relative(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results.json is published in git)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def summarise(runs: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
     """``{variant: {metric: (mean, std)}}`` in %, std over seeds (sample std; 0 for one seed)."""
     table = {}
@@ -131,7 +141,7 @@ def run_dataset(name: str, args: argparse.Namespace, seeds: list[int], common: d
             if variant in runs:
                 runs[variant][seed] = metrics
     table = summarise(runs)
-    return {"teacher_checkpoint": str(teacher_ckpt), "teacher": teacher_metrics, "runs": runs,
+    return {"teacher_checkpoint": relative(teacher_ckpt), "teacher": teacher_metrics, "runs": runs,
             "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
 
 
@@ -184,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
         atomic_save_json(results, args.out / "results.json")
     text = "## LD experiment\n\n" + "\n\n".join(sections) + "\n"
     (args.out / "results.md").write_text(text)
+    if not note and len(seeds) >= 3 and set(args.variants) == set(VARIANTS):
+        published = REPO / "experiments" / "results"
+        published.mkdir(parents=True, exist_ok=True)
+        atomic_save_json(results, published / "ld_shapes.json")
+        (published / "ld_shapes.md").write_text(text)
+        print(f"published to {published}/ld_shapes.{{json,md}}")
     print(text)
     return 0
 
