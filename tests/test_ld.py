@@ -246,6 +246,31 @@ def test_official_grows_with_images_per_batch_default_does_not(models):
         assert official_b["loss_kd"].item() == pytest.approx(official_1["loss_kd"].item(), rel=1e-5)
 
 
+def test_official_images_per_gpu_reproduces_a_k_image_gpu(models):
+    # images_per_gpu=k: the official LD sums scaled by k / B (the mean over k-image chunks, as DDP
+    # averages gradients). Four copies of one image with k = 2 == the released code on 2 copies;
+    # k = 4 == the code as released on this batch; the KD terms (means) are untouched.
+    single = [_toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))]
+    four = [_toy_output(4, seed=0, pos=(0, 1)), _toy_output(4, seed=1, pos=(0, 1))]
+    two = [_toy_output(2, seed=0, pos=(0, 1)), _toy_output(2, seed=1, pos=(0, 1))]
+    official_1 = LD(*models, variant="official").distill_terms(*single, [])
+    official_2 = LD(*models, variant="official").distill_terms(*two, [])
+    official_4 = LD(*models, variant="official").distill_terms(*four, [])
+    chunked = LD(*models, variant="official", images_per_gpu=2).distill_terms(*four, [])
+    as_released = LD(*models, variant="official", images_per_gpu=4).distill_terms(*four, [])
+    for name in ("loss_ld", "loss_ld_vlr"):
+        assert official_1[name].item() > 0
+        assert chunked[name].item() == pytest.approx(official_2[name].item(), rel=1e-5)
+        assert chunked[name].item() == pytest.approx(2 * official_1[name].item(), rel=1e-5)
+        assert as_released[name].item() == pytest.approx(official_4[name].item(), rel=1e-6)
+    assert chunked["loss_kd"].item() == pytest.approx(official_4["loss_kd"].item(), rel=1e-6)
+    for bad in ({"images_per_gpu": 0}, {"images_per_gpu": 2.0}, {"images_per_gpu": True}):
+        with pytest.raises(ValueError, match="images_per_gpu"):
+            LD(*models, variant="official", **bad)
+    with pytest.raises(ValueError, match="variant='official' only"):
+        LD(*models, images_per_gpu=2)
+
+
 def test_weights_switch_terms_and_published_defaults(models):
     default = LD(*models)
     assert default.distill_weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}

@@ -25,6 +25,16 @@ Normalisation (the paper-vs-code difference of METHODS.md §1):
 - ``variant="official"``: the released code's constants: ``sum_i w_i sum_edges LD_i,e / 4`` (main)
   and ``/ 16`` (VLR), so the loss grows with the number of images per GPU; Main/VLR KD are means over
   each FPN level's locations, summed over levels; the VLR weighting defaults to ``"iou"``.
+  ``images_per_gpu=k`` reproduces the scale of a released-code run with ``k`` images per GPU from
+  any batch: the LD sums are multiplied by ``k / B`` (``B`` = this process's images), i.e. the mean
+  of the official loss over ``k``-image chunks, as DDP averages its GPUs' gradients. With ``k = 2``
+  (the authors' setting) a one-process 16-image batch trains at the paper's effective LD strength.
+
+The published weights (0.25) were set with the official constants. Under the default ``"kdlab"``
+normalisation the same 0.25 is far weaker: the official main LD equals the kdlab one times the
+summed student scores over the positives of one GPU's images (measured on shapes with a trained
+student: 11x at 2 images a GPU for main LD, 8x for VLR LD; more on COCO, which has more objects
+an image). ``experiments/ld_shapes.py`` runs both.
 """
 
 from __future__ import annotations
@@ -131,6 +141,8 @@ class LD(Distiller):
         vlr_exclude_positives: drop positives from the VLR (the released GFL head keeps them).
         variant: ``"kdlab"`` (normalised by the summed location weights) or ``"official"``
             (the released code's constant normalisation).
+        images_per_gpu: with ``variant="official"``, the images per GPU of the released-code run
+            whose loss scale to reproduce (``None``: this process's batch, the code as released).
         atss_topk: ATSS candidates per level for the VLR thresholds of heads not assigned by ATSS.
     """
 
@@ -151,12 +163,18 @@ class LD(Distiller):
         vlr_weighting: str | None = None,
         vlr_exclude_positives: bool = False,
         variant: str = "kdlab",
+        images_per_gpu: int | None = None,
         atss_topk: int = 9,
     ):
         check_teacher_student(student, teacher)
         super().__init__(student, teacher)
         if variant not in LD_VARIANTS:
             raise ValueError(f"LD variant must be one of {LD_VARIANTS}, got {variant!r}")
+        if images_per_gpu is not None:
+            if variant != "official":
+                raise ValueError(f"images_per_gpu applies to variant='official' only (got variant={variant!r})")
+            if isinstance(images_per_gpu, bool) or not isinstance(images_per_gpu, int) or images_per_gpu < 1:
+                raise ValueError(f"images_per_gpu must be a positive integer, got {images_per_gpu!r}")
         if vlr_weighting is None:
             vlr_weighting = "iou" if variant == "official" else "mask"
         if vlr_weighting not in VLR_WEIGHTINGS:
@@ -172,6 +190,7 @@ class LD(Distiller):
         self.distill_weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
         self.temperatures = {name: float(t) for name, t in temperatures.items()}
         self.variant = variant
+        self.images_per_gpu = images_per_gpu
         self.vlr_alpha = vlr_alpha
         self.vlr_weighting = vlr_weighting
         self.vlr_exclude_positives = vlr_exclude_positives
@@ -184,6 +203,8 @@ class LD(Distiller):
             raise ValueError("LD needs the student's label assignment: run the student with targets")
         enabled = self.distill_weight_dict
         official = self.variant == "official"
+        # the official sums are per GPU: k-image chunks averaged (k / B); the code as released: 1
+        chunk_scale = self.images_per_gpu / student_out.cls_logits.shape[0] if self.images_per_gpu else 1.0
         reg_max = student_out.box_logits.shape[-1] // 4 - 1
         num_levels = len(student_out.num_per_level)
         terms: dict[str, Tensor] = {}
@@ -211,7 +232,7 @@ class LD(Distiller):
             weight = torch.where(pos_mask, score, torch.zeros_like(score))
             ld = ld_map(self.temperatures["loss_ld"])
             if official:  # sum_i w_i sum_e LD_i,e / 4
-                terms["loss_ld"] = (4 * ld * weight).sum() / OFFICIAL_MAIN_LD_DIVISOR
+                terms["loss_ld"] = (4 * ld * weight).sum() / OFFICIAL_MAIN_LD_DIVISOR * chunk_scale
             else:
                 terms["loss_ld"] = weighted_mean(ld, weight)
         if "loss_kd" in enabled:
@@ -228,7 +249,7 @@ class LD(Distiller):
             if "loss_ld_vlr" in enabled:
                 ld = ld_map(self.temperatures["loss_ld_vlr"])
                 if official:  # sum_i v_i sum_e LD_i,e / 16
-                    terms["loss_ld_vlr"] = (4 * ld * region_weight).sum() / OFFICIAL_VLR_LD_DIVISOR
+                    terms["loss_ld_vlr"] = (4 * ld * region_weight).sum() / OFFICIAL_VLR_LD_DIVISOR * chunk_scale
                 else:
                     terms["loss_ld_vlr"] = weighted_mean(ld, region_weight)
             if "loss_kd_vlr" in enabled:
