@@ -111,7 +111,7 @@ def markdown(dataset: str, table: dict, teacher: dict[str, float], seeds: list[i
              "| run | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS),
              "| teacher | " + " | ".join(f"{100 * teacher[m]:.1f}" for m in METRICS) + " |"]
     for variant, cells in table.items():
-        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(f"{mean:.1f} ± {std:.1f}" for mean, std in cells.values()) + " |")
+        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(f"{mean:.1f} ± {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}" for mean, std in cells.values()) + " |")
     lines.append("")
     for full in ("kd_ld_vlr", "kd_ld_vlr_official"):
         if not {"student", full} <= table.keys():
