@@ -30,7 +30,7 @@ test-fast: setup
 
 # re-execute every notebook in place (stored outputs for nbval), quick profile
 notebooks: setup
-	for nb in notebooks/[0-9]*.ipynb; do KDLAB_PROFILE=quick $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace "$$nb" || exit 1; done
+	for nb in notebooks/[0-9]*.ipynb; do KDLAB_PROFILE=quick $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; done
 
 clean:
 	rm -rf outputs runs .pytest_cache
