@@ -42,7 +42,7 @@ class TrainConfig:
     Model (``None`` = the detector's own default):
         model: detector name for ``kdlab.models.build_detector``.
         backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels, head_convs,
-        reg_max, octave_base_scale, weights: detector options (``weights``: zoo detectors' pretrained
+        reg_max, octave_base_scale, anchor_scale, weights: detector options (``weights``: zoo detectors' pretrained
         weights; ``octave_base_scale``: GFL's anchor side in strides, 8 for COCO-sized images).
     Optimisation:
         optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
@@ -89,6 +89,7 @@ class TrainConfig:
     head_convs: int | None = None
     reg_max: int | None = None
     octave_base_scale: float | None = None
+    anchor_scale: float | None = None
     weights: str | None = None
     # optimisation
     optimizer: str = "sgd"
@@ -121,7 +122,7 @@ class TrainConfig:
     find_unused_parameters: bool = False
 
     MODEL_OPTION_FIELDS = ("backbone", "backbone_width", "backbone_weights", "backbone_norm",
-                           "fpn_channels", "head_convs", "reg_max", "octave_base_scale", "weights")
+                           "fpn_channels", "head_convs", "reg_max", "octave_base_scale", "anchor_scale", "weights")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
