@@ -533,3 +533,32 @@ def test_gid_with_torchvisions_coco_retinanet_architecture_as_teacher():
     weighted_total(terms, gid.weight_dict).backward()
     assert all(torch.isfinite(terms[k]) for k in gid.distill_weight_dict)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_batched_relation_loss_equals_the_per_image_sum():
+    from kdlab.losses.gid import gi_relation_loss, gi_relation_loss_groups
+
+    generator = torch.Generator().manual_seed(5)
+    # padded groups (2 and 0 GIs are skipped), then equal groups (the reshaped fast path)
+    for counts, expected_used in (([4, 2, 0, 10, 3], 3), ([5, 5, 5], 3)):
+        teacher = torch.randn(sum(counts), 6, 3, 3, generator=generator)
+        student = torch.randn(sum(counts), 4, 3, 3, generator=generator, requires_grad=True)
+        loss, used = gi_relation_loss_groups(teacher, student, counts)
+        expected = sum(gi_relation_loss(t, s) for t, s in zip(teacher.split(counts), student.split(counts))
+                       if t.shape[0] >= 3)
+        assert used == expected_used
+        assert torch.allclose(loss, expected, atol=1e-6)
+        (grad,) = torch.autograd.grad(loss, student)
+        (grad_expected,) = torch.autograd.grad(expected, student)
+        assert torch.allclose(grad, grad_expected, atol=1e-6)
+    assert grad.abs().sum() > 0
+    counts = [4, 2, 3]
+    teacher = torch.randn(9, 6, 3, 3, generator=generator)
+    student = torch.randn(9, 4, 3, 3, generator=generator, requires_grad=True)
+    loss, _ = gi_relation_loss_groups(teacher, student, counts)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert grad[4:6].abs().sum() == 0 and grad[:4].abs().sum() > 0  # the 2-GI group gets no gradient
+    zero, none_used = gi_relation_loss_groups(teacher[:2], student[:2], [2])
+    assert none_used == 0 and zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(ValueError, match="counts sum to"):
+        gi_relation_loss_groups(teacher, student, [1, 2])

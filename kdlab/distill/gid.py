@@ -43,6 +43,7 @@ from kdlab.losses.gid import (
     MASK_RULES,
     gi_feature_loss,
     gi_relation_loss,
+    gi_relation_loss_groups,
     response_cls_loss,
     response_mask,
     response_reg_loss,
@@ -300,12 +301,9 @@ class GID(Distiller):
         """Relation loss per image (mean over images with >= 3 GIs) or over the whole batch."""
         if self.relation_scope == "batch":
             return gi_relation_loss(teacher_feats, student_feats)
-        pairs = zip(teacher_feats.split(counts), student_feats.split(counts))
-        losses = [gi_relation_loss(t, s) for t, s in pairs if t.shape[0] >= 3]
-        num_images = reduce_mean(torch.tensor(float(len(losses)), device=student_feats.device)).clamp(min=1.0)
-        if not losses:  # no image with >= 3 GIs: a zero that keeps the student's features in the graph
-            return zero_with_grad(student_feats)
-        return sum(losses) / num_images
+        loss, used = gi_relation_loss_groups(teacher_feats, student_feats, counts)
+        num_images = reduce_mean(torch.tensor(float(used), device=student_feats.device)).clamp(min=1.0)
+        return loss / num_images
 
     def response_losses(self, student_out, teacher_out, instances: GeneralInstances) -> dict[str, Tensor]:
         """BCE and L1 between student and teacher head outputs at the masked slots."""
