@@ -562,3 +562,52 @@ def test_batched_relation_loss_equals_the_per_image_sum():
     assert none_used == 0 and zero.item() == 0.0 and zero.requires_grad
     with pytest.raises(ValueError, match="counts sum to"):
         gi_relation_loss_groups(teacher, student, [1, 2])
+
+
+def test_batched_response_mask_equals_per_image_masks():
+    generator = torch.Generator().manual_seed(11)
+    xy = torch.rand(300, 2, generator=generator) * 120
+    anchors = torch.cat([xy, xy + 4 + torch.rand(300, 2, generator=generator) * 40], dim=1)
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2
+    gis = []
+    for n in (6, 0, 3):
+        corner = torch.rand(n, 2, generator=generator) * 100
+        gis.append(torch.cat([corner, corner + 2 + torch.rand(n, 2, generator=generator) * 50], dim=1))
+    gis[2][0] = torch.tensor([50.0, 50.0, 50.0, 70.0])  # zero area: hits nothing by IoU
+    gis.append(anchors[:2].clone())  # exact copies of anchors: IoU 1
+    for iou in (0.5, 0.7):
+        got = response_mask(anchors, points, gis, "anchor_iou", iou)
+        expected = torch.stack([anchor_iou_mask(anchors, b, iou) for b in gis])
+        assert torch.equal(got, expected) and got[3, :2].all()
+    got = response_mask(anchors, points, gis, "center", 0.0)
+    assert torch.equal(got, torch.stack([center_in_box_mask(points, b) for b in gis]))
+    assert got[0].any() and not got[1].any()
+
+
+@pytest.mark.parametrize("k,pre_nms_topk", [(10, 3000), (3, 50), (40, 3000)])
+def test_select_from_scores_equals_the_plain_algorithm(k, pre_nms_topk):
+    # the plain GISM filtering: rank all, keep pre_nms_topk, clip, drop small, NMS, first k
+    from torchvision.ops import nms
+
+    from kdlab.distill.gism import select_from_scores
+
+    generator = torch.Generator().manual_seed(k + pre_nms_topk)
+    batch, num = 3, 2000
+    scores = torch.rand(batch, num, generator=generator)
+    centre = torch.rand(batch, num, 2, generator=generator) * 100
+    size = 1 + torch.rand(batch, num, 2, generator=generator) * 40
+    boxes = torch.cat([centre - size / 2, centre + size / 2], dim=-1)
+    boxes[1] = boxes[1, :1] + 0.01 * boxes[1]  # image 1: near-identical boxes, so ranking must go deep
+    from_teacher = torch.rand(batch, num, generator=generator) > 0.5
+    sizes = [(100, 100), (90, 110), (100, 100)]
+    got = select_from_scores(scores, boxes, from_teacher, sizes, k=k, nms_iou=0.3, pre_nms_topk=pre_nms_topk, min_size=4.0)
+    for b, (h, w) in enumerate(sizes):
+        top, slots = scores[b].topk(min(pre_nms_topk, num))
+        clipped = torch.stack([boxes[b, slots, 0].clamp(0, w), boxes[b, slots, 1].clamp(0, h),
+                               boxes[b, slots, 2].clamp(0, w), boxes[b, slots, 3].clamp(0, h)], dim=1)
+        keep = ((clipped[:, 2:] - clipped[:, :2]) >= 4.0).all(dim=1).nonzero().flatten()
+        keep = keep[nms(clipped[keep], top[keep], 0.3)[:k]]
+        assert torch.equal(got.slots[b], slots[keep])
+        assert torch.allclose(got.boxes[b], clipped[keep])
+        assert torch.equal(got.from_teacher[b], from_teacher[b, slots[keep]])
+    assert len(got.slots[0]) == k

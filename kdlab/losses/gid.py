@@ -251,14 +251,26 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
         num_slots = points.shape[0]
     else:
         raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
-    all_boxes = torch.cat(gi_boxes)  # [M, 4]: one pairwise test for the whole batch
-    if all_boxes.shape[0] == 0:
-        return torch.zeros(len(gi_boxes), num_slots, dtype=torch.bool, device=points.device)
+    batch = len(gi_boxes)
+    width = max((int(b.shape[0]) for b in gi_boxes), default=0)
+    if width == 0:
+        return torch.zeros(batch, num_slots, dtype=torch.bool, device=points.device)
+    # every image against its own GIs only, padded to the same count: [B, K, 4] and [B, K] valid
+    boxes = points.new_zeros(batch, width, 4, dtype=torch.float32)
+    valid = torch.zeros(batch, width, dtype=torch.bool, device=points.device)
+    for i, b in enumerate(gi_boxes):
+        boxes[i, : b.shape[0]] = b.float()
+        valid[i, : b.shape[0]] = True
+    gx1, gy1, gx2, gy2 = (boxes[..., i][:, None, :] for i in range(4))  # [B, 1, K] each
     if rule == "anchor_iou":
-        hits = anchor_iou_hits(anchors, all_boxes, iou_threshold)  # [N, M]
+        # IoU >= t  <=>  inter (1 + t) >= t (area_a + area_g) when inter > 0: no division; one
+        # contiguous [B, N, K] tensor per step
+        ax1, ay1, ax2, ay2 = (anchors[:, i].float()[None, :, None] for i in range(4))  # [1, N, 1] each
+        inter = (torch.minimum(ax2, gx2) - torch.maximum(ax1, gx1)).clamp(min=0) * \
+                (torch.minimum(ay2, gy2) - torch.maximum(ay1, gy1)).clamp(min=0)  # [B, N, K]
+        areas = (ax2 - ax1) * (ay2 - ay1) + (gx2 - gx1) * (gy2 - gy1)  # [B, N, K]
+        hits = (inter * (1.0 + iou_threshold) >= iou_threshold * areas) & (inter > 0)
     else:
-        hits = center_in_box_hits(points, all_boxes)  # [N, M]
-    counts = torch.tensor([len(b) for b in gi_boxes], device=all_boxes.device)
-    image_of_gi = torch.repeat_interleave(torch.arange(len(gi_boxes), device=all_boxes.device), counts)  # [M]
-    one_hot = F.one_hot(image_of_gi, len(gi_boxes)).to(torch.float32)  # [M, B]
-    return (hits.to(torch.float32) @ one_hot).T > 0  # [B, N]: some GI of that image hits the slot
+        x, y = points[:, 0].float()[None, :, None], points[:, 1].float()[None, :, None]  # [1, N, 1]
+        hits = (x > gx1) & (x < gx2) & (y > gy1) & (y < gy2)
+    return (hits & valid[:, None, :]).any(dim=2)  # [B, N]: some GI of that image hits the slot
