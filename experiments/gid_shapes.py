@@ -5,6 +5,7 @@ One command, three seeds per run, every run through the engine (``kdlab.engine.t
     python experiments/gid_shapes.py                          # everything below, seeds 0 1 2
     python experiments/gid_shapes.py --quick --max-iters 2    # smoke test: seed 0, 2 iterations
     python experiments/gid_shapes.py --families retinanet --variants student gid
+    python experiments/gid_shapes.py --family-seeds faster_rcnn=0   # Faster R-CNN once, the rest x3
 
 Runs (METHODS.md §2), with the quick CPU configurations ``configs/shapes_gid_{family}_*.yaml``:
 
@@ -22,6 +23,8 @@ Outputs under ``--out`` (default ``outputs/gid_shapes``, ``outputs/gid_shapes_qu
 tests): one folder per family/variant/seed, ``results.json`` (every run's metrics, the teachers'
 and the mean/std table) and ``results.md`` (mean ± std over seeds, sample std, AP in %), with the
 issue's target checked: GID full >= RetinaNet student alone + 1.5 AP on the mean over seeds.
+A real (not smoke-test) run also copies both to ``experiments/results/gid_shapes.{json,md}``,
+which are tracked in git and shown by notebook 03.
 """
 
 from __future__ import annotations
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="restrict every family to these variants (each family runs only those it defines)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--family-seeds", nargs="+", default=[], metavar="FAMILY=S,S",
+                        help="other seeds for one family, e.g. faster_rcnn=0 (the issue asks for it at least once)")
     parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch")
     parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
     parser.add_argument("--device", default="auto")
@@ -152,6 +157,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     smoke = args.quick or args.max_iters is not None
     if args.out is None:
         args.out = REPO / "outputs" / ("gid_shapes_quick" if smoke else "gid_shapes")
+    args.seeds_by_family = {}
+    for item in args.family_seeds:
+        family, _, seeds = item.partition("=")
+        if family not in FAMILIES or not seeds:
+            parser.error(f"--family-seeds expects FAMILY=S[,S...] with FAMILY in {list(FAMILIES)}, got {item!r}")
+        try:
+            args.seeds_by_family[family] = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            parser.error(f"--family-seeds: seeds must be integers, got {item!r}")
     for family in args.families:
         for path in (student_config(family), teacher_config(family)):
             if not path.is_file():
@@ -179,12 +193,20 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for family in args.families:
         variants = [v for v in FAMILIES[family] if v in args.variants]
-        print(f"[{family}] {variants} x seeds {seeds} -> {args.out / family}", flush=True)
-        results["families"][family] = part = run_family(family, variants, seeds, args, common)
-        sections.append(markdown(family, part, seeds, note))
+        family_seeds = seeds if args.quick else args.seeds_by_family.get(family, seeds)
+        print(f"[{family}] {variants} x seeds {family_seeds} -> {args.out / family}", flush=True)
+        results["families"][family] = part = run_family(family, variants, family_seeds, args, common)
+        part["seeds"] = family_seeds
+        sections.append(markdown(family, part, family_seeds, note))
         atomic_save_json(results, args.out / "results.json")
     text = "## GID experiment (shapes, quick CPU configurations)\n\n" + "\n\n".join(sections) + "\n"
     (args.out / "results.md").write_text(text)
+    if not note:  # a real run: the tables notebook 03 shows are tracked in git
+        published = REPO / "experiments" / "results"
+        published.mkdir(parents=True, exist_ok=True)
+        atomic_save_json(results, published / "gid_shapes.json")
+        (published / "gid_shapes.md").write_text(text)
+        print(f"published to {published}/gid_shapes.{{json,md}}")
     print(text)
     return 0
 
