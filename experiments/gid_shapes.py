@@ -5,7 +5,7 @@ One command, three seeds per run, every run through the engine (``kdlab.engine.t
     python experiments/gid_shapes.py                          # everything below, seeds 0 1 2
     python experiments/gid_shapes.py --quick --max-iters 2    # smoke test: seed 0, 2 iterations
     python experiments/gid_shapes.py --families retinanet --variants student gid
-    python experiments/gid_shapes.py --family-seeds faster_rcnn=0   # Faster R-CNN once, the rest x3
+    python experiments/gid_shapes.py --seeds-for faster_rcnn=0 retinanet/gid_feature=0   # some runs once
 
 Runs (METHODS.md §2), with the quick CPU configurations ``configs/shapes_gid_{family}_*.yaml``:
 
@@ -96,7 +96,8 @@ def mean_std(runs: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]
     return cells
 
 
-def run_family(family: str, variants: list[str], seeds: list[int], args: argparse.Namespace, common: dict) -> dict:
+def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], args: argparse.Namespace,
+               common: dict) -> dict:
     """The teacher, then every variant for every seed; returns the family's part of results.json."""
     out = args.out / family
     checkpoint = REPO / "data" / "checkpoints" / f"shapes_{family}_teacher.pt"
@@ -107,8 +108,8 @@ def run_family(family: str, variants: list[str], seeds: list[int], args: argpars
     eval_cfg = make_config(student_config(family), {**common, "distill": None, "teacher_checkpoint": None})
     teacher = teacher_metrics(eval_cfg, checkpoint, out / "teacher_eval.json")
     runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
-    for seed in seeds:
-        for variant in variants:
+    for seed in sorted({s for v in variants for s in seeds[v]}):
+        for variant in (v for v in variants if seed in seeds[v]):
             options = VARIANTS[variant][1]
             base = load_config(student_config(family))
             fields = {**common, "seed": seed, "output_dir": str(out / variant / f"seed{seed}")}
@@ -123,14 +124,18 @@ def run_family(family: str, variants: list[str], seeds: list[int], args: argpars
             "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
 
 
-def markdown(family: str, part: dict, seeds: list[int], note: str) -> str:
-    """One family's table (mean ± std over seeds) and, for RetinaNet, the target check."""
-    lines = [f"### {family} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds}){note}", "",
-             "| run | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS),
-             "| teacher | " + " | ".join(f"{100 * part['teacher'][m]:.1f}" for m in METRICS) + " |"]
+def markdown(family: str, part: dict, note: str) -> str:
+    """One family's table (mean ± std over each row's seeds, and AP per seed) and, for RetinaNet,
+    the target check."""
+    lines = [f"### {family}{note}", "",
+             "| run | seeds | " + " | ".join(METRICS) + " | AP per seed |", "|---|---|" + "---|" * len(METRICS) + "---|",
+             "| teacher | - | " + " | ".join(f"{100 * part['teacher'][m]:.1f}" for m in METRICS) + " | |"]
     table = part["table"]
     for variant, cells in table.items():
-        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(f"{mean:.1f} ± {std:.1f}" for mean, std in cells.values()) + " |")
+        by_seed = part["runs"][variant]
+        per_seed = ", ".join(f"{100 * by_seed[s]['AP']:.1f}" for s in sorted(by_seed, key=int))
+        lines.append(f"| {VARIANTS[variant][0]} | {len(by_seed)} | "
+                     + " | ".join(f"{mean:.1f} ± {std:.1f}" for mean, std in cells.values()) + f" | {per_seed} |")
     if {"student", "gid"} <= table.keys():
         gain = table["gid"]["AP"][0] - table["student"]["AP"][0]
         line = f"- GID full vs student alone: {gain:+.1f} AP"
@@ -146,8 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="restrict every family to these variants (each family runs only those it defines)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--family-seeds", nargs="+", default=[], metavar="FAMILY=S,S",
-                        help="other seeds for one family, e.g. faster_rcnn=0 (the issue asks for it at least once)")
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="KEY=S,S", dest="seeds_for_list",
+                        help="other seeds for a family or one family's variant, e.g. faster_rcnn=0 "
+                             "retinanet/gid_feature=0 (the ablations once)")
     parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch")
     parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
     parser.add_argument("--device", default="auto")
@@ -157,15 +163,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     smoke = args.quick or args.max_iters is not None
     if args.out is None:
         args.out = REPO / "outputs" / ("gid_shapes_quick" if smoke else "gid_shapes")
-    args.seeds_by_family = {}
-    for item in args.family_seeds:
-        family, _, seeds = item.partition("=")
-        if family not in FAMILIES or not seeds:
-            parser.error(f"--family-seeds expects FAMILY=S[,S...] with FAMILY in {list(FAMILIES)}, got {item!r}")
+    args.seeds_for = {}
+    keys = set(FAMILIES) | {f"{f}/{v}" for f, variants in FAMILIES.items() for v in variants}
+    for item in args.seeds_for_list:
+        key, _, seeds = item.partition("=")
+        if key not in keys or not seeds:
+            parser.error(f"--seeds-for expects FAMILY[/VARIANT]=S[,S...] with FAMILY/VARIANT one of {sorted(keys)}, got {item!r}")
         try:
-            args.seeds_by_family[family] = [int(s) for s in seeds.split(",")]
+            args.seeds_for[key] = [int(s) for s in seeds.split(",")]
         except ValueError:
-            parser.error(f"--family-seeds: seeds must be integers, got {item!r}")
+            parser.error(f"--seeds-for: seeds must be integers, got {item!r}")
     for family in args.families:
         for path in (student_config(family), teacher_config(family)):
             if not path.is_file():
@@ -193,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     for family in args.families:
         variants = [v for v in FAMILIES[family] if v in args.variants]
-        family_seeds = seeds if args.quick else args.seeds_by_family.get(family, seeds)
-        print(f"[{family}] {variants} x seeds {family_seeds} -> {args.out / family}", flush=True)
-        results["families"][family] = part = run_family(family, variants, family_seeds, args, common)
-        part["seeds"] = family_seeds
-        sections.append(markdown(family, part, family_seeds, note))
+        family_seeds = seeds if args.quick else args.seeds_for.get(family, seeds)
+        variant_seeds = {v: family_seeds if args.quick else args.seeds_for.get(f"{family}/{v}", family_seeds)
+                         for v in variants}
+        print(f"[{family}] seeds {variant_seeds} -> {args.out / family}", flush=True)
+        results["families"][family] = part = run_family(family, variants, variant_seeds, args, common)
+        part["seeds"] = variant_seeds
+        sections.append(markdown(family, part, note))
         atomic_save_json(results, args.out / "results.json")
     text = "## GID experiment (shapes, quick CPU configurations)\n\n" + "\n\n".join(sections) + "\n"
     (args.out / "results.md").write_text(text)
