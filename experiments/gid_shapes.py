@@ -42,7 +42,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import TrainConfig, load_config  # noqa: E402
 from kdlab.data import build_dataset, make_shapes  # noqa: E402
 from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E402
-from kdlab.engine.experiment import make_config, run  # noqa: E402
+from kdlab.engine.experiment import make_config, relative_to, run  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
 
@@ -120,7 +120,7 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
                               teacher_checkpoint=str(checkpoint), teacher_config=None)
             runs[variant][seed] = run(make_config(student_config(family), fields))
     table = {v: mean_std(by_seed) for v, by_seed in runs.items()}
-    return {"teacher_checkpoint": str(checkpoint), "teacher": teacher, "runs": runs,
+    return {"teacher_checkpoint": relative_to(checkpoint, REPO), "teacher": teacher, "runs": runs,
             "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
 
 

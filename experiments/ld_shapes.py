@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import TrainConfig, load_config  # noqa: E402
 from kdlab.data import build_dataset  # noqa: E402
 from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E402
-from kdlab.engine.experiment import make_config, run  # noqa: E402
+from kdlab.engine.experiment import make_config, relative_to, run  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
 
@@ -84,14 +84,6 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_json({"checkpoint": str(checkpoint), "checkpoint_mtime": checkpoint.stat().st_mtime, "metrics": metrics}, cache)
     return metrics
-
-
-def relative(path: Path) -> str:
-    """``path`` relative to the repository when inside it (results.json is published in git)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
 
 
 def summarise(runs: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -152,7 +144,7 @@ def run_dataset(name: str, args: argparse.Namespace, seeds: list[int], common: d
             if variant in runs:
                 runs[variant][seed] = metrics
     table = summarise(runs)
-    return {"teacher_checkpoint": relative(teacher_ckpt), "teacher": teacher_metrics, "runs": runs,
+    return {"teacher_checkpoint": relative_to(teacher_ckpt, REPO), "teacher": teacher_metrics, "runs": runs,
             "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
 
 

@@ -29,3 +29,11 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     metrics = train(cfg, resume=same and (out / "last.pt").is_file(), progress=False)
     print(f"  {out}: AP {100 * metrics['AP']:.1f} ({time.time() - start:.0f} s)", flush=True)
     return metrics
+
+
+def relative_to(path: Path | str, root: Path) -> str:
+    """``path`` relative to ``root`` when inside it, else as given (published results carry no machine paths)."""
+    try:
+        return str(Path(path).resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)
