@@ -80,3 +80,14 @@ def test_pool_gi_features_implementations_agree():
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="impl"):
         pool_gi_features(features, [8, 16, 32], boxes, impl="cuda")
+
+
+def test_padded_layout_by_hand():
+    from kdlab.utils.ragged import padded_layout
+
+    slot, valid, width = padded_layout([2, 0, 3])
+    assert width == 3
+    assert slot.tolist() == [0, 1, 6, 7, 8]
+    assert valid.tolist() == [[True, True, False], [False, False, False], [True, True, True]]
+    slot, valid, width = padded_layout([])
+    assert width == 0 and slot.numel() == 0 and valid.shape == (0, 0)

@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from kdlab.utils.ragged import padded_layout
+
 MASK_RULES = ("anchor_iou", "center")
 
 
@@ -125,12 +127,10 @@ def gi_relation_loss_groups(teacher_features: Tensor, student_features: Tensor, 
     used = [g for g, n in enumerate(counts) if n >= min_instances]
     if not used:
         return zero_with_grad(student_features), 0
-    width = max(counts[g] for g in used)
     device = student_features.device
+    _, valid, width = padded_layout([counts[g] for g in used], device)  # [G, width] grid of the used groups
     offsets = torch.tensor([0, *counts[:-1]], device=device).cumsum(0)[used]  # [G] first row of each group
-    slot = torch.arange(width, device=device)
-    valid = slot[None] < torch.tensor([counts[g] for g in used], device=device)[:, None]  # [G, width]
-    rows = torch.where(valid, offsets[:, None] + slot[None], 0)  # padding points at row 0 and is masked
+    rows = torch.where(valid, offsets[:, None] + torch.arange(width, device=device)[None], 0)  # padding: row 0, masked
     sizes = valid.sum(dim=1).float()  # [G]
     pairs = valid[:, :, None] & valid[:, None, :] & ~torch.eye(width, dtype=torch.bool, device=device)
     num_pairs = sizes * sizes - sizes  # [G]
@@ -252,15 +252,12 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
     else:
         raise ValueError(f"response mask rule must be one of {MASK_RULES}, got {rule!r}")
     batch = len(gi_boxes)
-    width = max((int(b.shape[0]) for b in gi_boxes), default=0)
+    slot, valid, width = padded_layout([int(b.shape[0]) for b in gi_boxes], points.device)
     if width == 0:
         return torch.zeros(batch, num_slots, dtype=torch.bool, device=points.device)
     # every image against its own GIs only, padded to the same count: [B, K, 4] and [B, K] valid
-    boxes = points.new_zeros(batch, width, 4, dtype=torch.float32)
-    valid = torch.zeros(batch, width, dtype=torch.bool, device=points.device)
-    for i, b in enumerate(gi_boxes):
-        boxes[i, : b.shape[0]] = b.float()
-        valid[i, : b.shape[0]] = True
+    all_boxes = torch.cat(gi_boxes).float()
+    boxes = all_boxes.new_zeros(batch * width, 4).index_copy(0, slot, all_boxes).view(batch, width, 4)
     gx1, gy1, gx2, gy2 = (boxes[..., i][:, None, :] for i in range(4))  # [B, 1, K] each
     if rule == "anchor_iou":
         # IoU >= t  <=>  inter (1 + t) >= t (area_a + area_g) when inter > 0: no division; one

@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kdlab.utils.ragged import padded_layout
+
 
 def axis_weights(start: Tensor, end: Tensor, size: int, output_size: int, sampling_ratio: int) -> Tensor:
     """Bilinear sampling weights along one axis, torchvision's ``aligned=True`` rules.
@@ -85,14 +87,13 @@ def roi_align_per_image(
     if len(boxes) != batch:
         raise ValueError(f"got boxes for {len(boxes)} images but the feature map holds {batch}")
     counts = [int(b.shape[0]) for b in boxes]
-    total, per_image = sum(counts), max(counts, default=0)
-    if total == 0:
+    if sum(counts) == 0:
         return feature.new_zeros(0, channels, output_size, output_size, dtype=torch.float32)
     # pad every image to the same number of boxes; padded boxes get zero weights
     flat = torch.cat([b.float() for b in boxes]) * spatial_scale  # [M, 4]
     wy = axis_weights(flat[:, 1], flat[:, 3], height, output_size, sampling_ratio)  # [M, S, H]
     wx = axis_weights(flat[:, 0], flat[:, 2], width, output_size, sampling_ratio)  # [M, S, W]
-    slot = torch.cat([torch.arange(n, device=flat.device) + i * per_image for i, n in enumerate(counts)])  # [M]
+    slot, _, per_image = padded_layout(counts, flat.device)  # [M] place of each box in the [B * K] grid
     wy_pad = wy.new_zeros(batch * per_image, output_size, height).index_copy(0, slot, wy)
     wx_pad = wx.new_zeros(batch * per_image, output_size, width).index_copy(0, slot, wx)
     # rows: [B, K*S, H] @ [B, H, C*W] -> [B, K*S, C*W]
