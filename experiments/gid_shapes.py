@@ -87,13 +87,19 @@ def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str
     return metrics
 
 
-def mean_std(runs: dict[int, dict[str, float]]) -> dict[str, tuple[float, float]]:
-    """``{metric: (mean, sample std)}`` in % over the seeds (std 0 for one seed)."""
+def mean_std(runs: dict[int, dict[str, float]]) -> dict[str, tuple[float, float | None]]:
+    """``{metric: (mean, sample std)}`` in % over the seeds; the std is None for one seed (no spread
+    was measured, so none is claimed)."""
     cells = {}
     for metric in METRICS:
         values = [100 * m[metric] for m in runs.values()]
-        cells[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+        cells[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
     return cells
+
+
+def cell(mean: float, std: float | None) -> str:
+    """``mean ± std`` to one decimal, or the bare value for a single seed."""
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
 def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], args: argparse.Namespace,
@@ -125,7 +131,8 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
 
 
 def markdown(family: str, part: dict, note: str) -> str:
-    """One family's table (mean ± std over each row's seeds, and AP per seed) and, for RetinaNet,
+    """One family's table (mean ± std over each row's seeds, the bare value for a
+    single seed, and AP per seed) and, for RetinaNet,
     the target check."""
     lines = [f"### {family}{note}", "",
              "| run | seeds | " + " | ".join(METRICS) + " | AP per seed |", "|---|---|" + "---|" * len(METRICS) + "---|",
@@ -135,7 +142,7 @@ def markdown(family: str, part: dict, note: str) -> str:
         by_seed = part["runs"][variant]
         per_seed = ", ".join(f"{100 * by_seed[s]['AP']:.1f}" for s in sorted(by_seed, key=int))
         lines.append(f"| {VARIANTS[variant][0]} | {len(by_seed)} | "
-                     + " | ".join(f"{mean:.1f} ± {std:.1f}" for mean, std in cells.values()) + f" | {per_seed} |")
+                     + " | ".join(cell(mean, std) for mean, std in cells.values()) + f" | {per_seed} |")
     if {"student", "gid"} <= table.keys():
         gain = table["gid"]["AP"][0] - table["student"]["AP"][0]
         line = f"- GID full vs student alone: {gain:+.1f} AP"
