@@ -28,9 +28,10 @@ test: setup
 test-fast: setup
 	$(VPY) -m pytest tests -m "not slow" -p no:cacheprovider
 
-# re-execute every notebook in place (stored outputs for nbval), quick profile
+# re-execute every notebook in place (stored outputs for nbval), quick profile, with the CPU numerics
+# nbval's kernels get (notebooks/conftest.py, notebooks/execute.py)
 notebooks: setup
-	for nb in notebooks/[0-9]*.ipynb; do KDLAB_PROFILE=quick $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1200 "$$nb" || exit 1; done
+	$(VPY) notebooks/execute.py notebooks/[0-9]*.ipynb
 
 clean:
 	rm -rf outputs runs .pytest_cache

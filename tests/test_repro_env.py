@@ -1,0 +1,57 @@
+"""Pinned CPU numerics for the notebooks (notebooks/conftest.py) and the runner that re-executes them
+(notebooks/execute.py): the settings take effect in the kernel, widget cells do not stall the runner."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pinned_in_conftest() -> dict[str, str]:
+    spec = importlib.util.spec_from_file_location("notebooks_conftest", ROOT / "notebooks" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    before = dict(os.environ)
+    try:
+        spec.loader.exec_module(module)
+    finally:  # importing it sets variables in this process: undo that
+        os.environ.clear()
+        os.environ.update(before)
+    return module.PINNED_CPU_NUMERICS
+
+
+def test_pinned_settings_take_effect_in_a_new_process():
+    pinned = pinned_in_conftest()
+    assert set(pinned) == {"ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS"}
+    env = {**os.environ, **pinned}
+    code = "import torch; print(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["DEFAULT", "2"]
+
+
+def cell(source: str) -> dict:
+    return {"cell_type": "code", "execution_count": None, "id": f"c{abs(hash(source)) % 10**8}", "metadata": {},
+            "outputs": [], "source": source}
+
+
+@pytest.mark.slow
+def test_execute_runs_widget_cells_with_the_pinned_numerics(tmp_path):
+    notebook = {"cells": [cell("import ipywidgets as widgets\nwidgets.interact(lambda k=3: print(k * 7), k=(1, 5));"),
+                          cell("import os, torch\nprint(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
+                               "os.environ['MKL_CBWR'], os.environ['KDLAB_PROFILE'])")],
+                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+                "nbformat": 4, "nbformat_minor": 5}
+    path = tmp_path / "probe.ipynb"
+    path.write_text(json.dumps(notebook))
+    env = {k: v for k, v in os.environ.items() if k not in pinned_in_conftest() and k != "KDLAB_PROFILE"}
+    subprocess.run([sys.executable, str(ROOT / "notebooks" / "execute.py"), str(path), "--timeout", "120"],
+                   env=env, check=True, capture_output=True, text=True, timeout=300)
+    cells = json.loads(path.read_text())["cells"]
+    widget = "".join(cells[0]["outputs"][0]["data"]["text/plain"])
+    assert widget.startswith("interactive(children=(IntSlider(value=3, description='k', max=5, min=1)")
+    assert "".join(cells[1]["outputs"][0]["text"]).split() == ["DEFAULT", "2", "COMPATIBLE", "quick"]
