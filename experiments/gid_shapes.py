@@ -131,9 +131,8 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
 
 
 def markdown(family: str, part: dict, note: str) -> str:
-    """One family's table (mean ± std over each row's seeds, the bare value for a
-    single seed, and AP per seed) and, for RetinaNet,
-    the target check."""
+    """One family's table (mean ± std over each row's seeds, the bare value for a single seed, and AP
+    per seed) and, for RetinaNet, the target check."""
     lines = [f"### {family}{note}", "",
              "| run | seeds | " + " | ".join(METRICS) + " | AP per seed |", "|---|---|" + "---|" * len(METRICS) + "---|",
              "| teacher | - | " + " | ".join(f"{100 * part['teacher'][m]:.1f}" for m in METRICS) + " | |"]

@@ -6,13 +6,16 @@ instruction set the machine offers (ATen's AVX2/AVX-512 code, oneDNN's convoluti
 also takes other paths on AMD than on Intel), and on the number of threads a reduction is split over. So
 the same seed gives the same numbers on one machine, and different ones on the next.
 
-Setting these before any kernel starts pins all of it to code every x86-64 CPU with SSE4.1 runs the same
-way, on two threads (the CI machine's cores). The kernels nbval starts inherit this process's environment;
-`make notebooks` re-executes the notebooks under the same settings (see the Makefile), so stored and
-re-computed outputs agree across machines. A variable already set in the environment is left alone.
+These settings pin all of it to code every x86-64 CPU with SSE4.1 runs the same way, on two threads (the
+CI machine's cores). They are set just before the first notebook's kernel starts (kernels inherit this
+process's environment), so the unit tests under tests/ keep the fast kernels; `make notebooks`
+(notebooks/execute.py) re-executes the notebooks under the same settings, so stored and re-computed
+outputs agree across machines. A variable already set in the environment is left alone.
 """
 
 import os
+
+import pytest
 
 PINNED_CPU_NUMERICS = {
     "ATEN_CPU_CAPABILITY": "default",  # ATen's baseline vector code, not the AVX2/AVX-512 variants
@@ -21,5 +24,13 @@ PINNED_CPU_NUMERICS = {
     "OMP_NUM_THREADS": "2",  # reductions split the same way whatever the core count
 }
 
-for _name, _value in PINNED_CPU_NUMERICS.items():
-    os.environ.setdefault(_name, _value)
+
+def pin_cpu_numerics() -> None:
+    for name, value in PINNED_CPU_NUMERICS.items():
+        os.environ.setdefault(name, value)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # runs for the items of this directory only, before nbval's setup starts the notebook's kernel
+    pin_cpu_numerics()

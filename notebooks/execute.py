@@ -29,7 +29,7 @@ from nbclient.client import timestamp
 from nbclient.util import ensure_async
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import PINNED_CPU_NUMERICS  # noqa: E402  (sets them in os.environ on import)
+from conftest import PINNED_CPU_NUMERICS, pin_cpu_numerics  # noqa: E402
 
 
 class PollingClient(NotebookClient):
@@ -74,6 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per cell (default: 1200)")
     args = parser.parse_args(argv)
     os.environ.setdefault("KDLAB_PROFILE", "quick")
+    pin_cpu_numerics()
     pinned = " ".join(f"{k}={os.environ[k]}" for k in PINNED_CPU_NUMERICS)
     for path in args.notebooks:
         if not path.is_file():

@@ -16,12 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pinned_in_conftest() -> dict[str, str]:
     spec = importlib.util.spec_from_file_location("notebooks_conftest", ROOT / "notebooks" / "conftest.py")
     module = importlib.util.module_from_spec(spec)
-    before = dict(os.environ)
-    try:
-        spec.loader.exec_module(module)
-    finally:  # importing it sets variables in this process: undo that
-        os.environ.clear()
-        os.environ.update(before)
+    spec.loader.exec_module(module)
     return module.PINNED_CPU_NUMERICS
 
 
