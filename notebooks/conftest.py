@@ -1,28 +1,33 @@
-"""Pinned CPU numerics for the notebooks' nbval run.
+"""Optional pinned CPU numerics for the notebooks' nbval run (off by default).
 
-The stored outputs of the notebooks are compared digit by digit, and a few dozen training steps turn the
-last bit of a float into a different second decimal. Which kernels PyTorch runs on a CPU depends on the
-instruction set the machine offers (ATen's AVX2/AVX-512 code, oneDNN's convolutions, MKL's BLAS, which
-also takes other paths on AMD than on Intel), and on the number of threads a reduction is split over. So
-the same seed gives the same numbers on one machine, and different ones on the next.
+nbval compares verbatim only what cannot drift between CPUs; every result computed by a network is
+printed in a cell tagged ``nbval-ignore-output`` and held to a tolerance by
+``kdlab.notebook.expect_close`` (see ``notebooks/nbval_matrix.md`` for the spread measured across CPU
+kernel settings). So the notebooks pass with whatever kernels a machine picks.
 
-These settings pin all of it to code every x86-64 CPU with SSE4.1 runs the same way, on two threads (the
-CI machine's cores). They are set just before the first notebook's kernel starts (kernels inherit this
-process's environment), so the unit tests under tests/ keep the fast kernels; `make notebooks`
-(notebooks/execute.py) re-executes the notebooks under the same settings, so stored and re-computed
-outputs agree across machines. A variable already set in the environment is left alone.
+``KDLAB_PIN_NUMERICS=1`` still pins the kernels to code every x86-64 CPU with SSE4.1 runs the same way
+(ATen's baseline vector code, oneDNN capped at SSE4.1, MKL's compatible path, 2 threads). On one machine
+that reproduces a pinned execution bit for bit; across CPUs it does not (MKL takes other paths on Intel
+and AMD even then), which is why the notebooks no longer rely on it. The settings are applied just before
+a notebook's kernel starts (kernels inherit this process's environment), so the unit tests under tests/
+keep the fast kernels; a variable already set in the environment is left alone.
 """
 
 import os
 
 import pytest
 
+PIN_SWITCH = "KDLAB_PIN_NUMERICS"
 PINNED_CPU_NUMERICS = {
     "ATEN_CPU_CAPABILITY": "default",  # ATen's baseline vector code, not the AVX2/AVX-512 variants
     "ONEDNN_MAX_CPU_ISA": "SSE41",  # oneDNN convolutions/matmuls: the same kernels on every x86-64
-    "MKL_CBWR": "COMPATIBLE",  # MKL's conditional numerical reproducibility: one code path for all CPUs
+    "MKL_CBWR": "COMPATIBLE",  # MKL's conditional numerical reproducibility: one code path per vendor
     "OMP_NUM_THREADS": "2",  # reductions split the same way whatever the core count
 }
+
+
+def pinning_requested() -> bool:
+    return os.environ.get(PIN_SWITCH, "0") == "1"
 
 
 def pin_cpu_numerics() -> None:
@@ -33,4 +38,5 @@ def pin_cpu_numerics() -> None:
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item):
     # runs for the items of this directory only, before nbval's setup starts the notebook's kernel
-    pin_cpu_numerics()
+    if pinning_requested():
+        pin_cpu_numerics()
