@@ -73,7 +73,8 @@ def execute(path: Path, timeout: int) -> None:
     nbformat.write(notebook, path)
 
 
-REFERENCE_CALL = re.compile(r'(expect_close\(\s*f?"(?P<name>[^"]+)"\s*,[^,]+,\s*)(?P<ref>[-+0-9.eE]+)(\s*,)')
+REFERENCE_CALL = re.compile(r'(expect_close\(\s*(?P<quote>["\'])(?P<name>[^"\']+)(?P=quote)\s*,[^,]+,\s*)'
+                            r'(?P<ref>[-+0-9.eE]+)(?P<rest>\s*,)')
 
 
 def update_references(path: Path, timeout: int) -> int:
@@ -81,8 +82,8 @@ def update_references(path: Path, timeout: int) -> int:
     new stored reference in the cell sources, and return how many references changed.
 
     For a deliberate change of a trained result: the next (normal) execution then stores outputs that
-    agree with the references. Names built with an f-string are matched after substituting ``PROFILE``
-    (``KDLAB_PROFILE``) only; others must be literal."""
+    agree with the references. The name and the reference must be literals
+    (``expect_close("00 student AP", value, 0.68, 1.0)``)."""
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "values.jsonl"
         saved = {k: os.environ.get(k) for k in ("KDLAB_RESULTS_LOG", "KDLAB_EXPECT_CLOSE")}
@@ -108,7 +109,7 @@ def update_references(path: Path, timeout: int) -> int:
         if float(new) != float(match["ref"]):
             changed += 1
             print(f"  {name}: {match['ref']} -> {new}")
-        return f"{match.group(1)}{new}{match.group(4)}"
+        return f"{match.group(1)}{new}{match['rest']}"
 
     for cell in notebook.cells:
         if cell.cell_type == "code" and "expect_close" in cell.source:

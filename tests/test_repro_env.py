@@ -1,5 +1,6 @@
-"""Pinned CPU numerics for the notebooks (notebooks/conftest.py) and the runner that re-executes them
-(notebooks/execute.py): the settings take effect in the kernel, widget cells do not stall the runner."""
+"""The optional pinned CPU numerics of the notebooks (notebooks/conftest.py, KDLAB_PIN_NUMERICS=1) and the runner
+that re-executes them (notebooks/execute.py): pins only on request, widget cells do not stall the runner, and
+--update-references rewrites the stored references of kdlab.notebook.expect_close."""
 
 import importlib.util
 import json
@@ -34,19 +35,35 @@ def cell(source: str) -> dict:
             "outputs": [], "source": source}
 
 
-@pytest.mark.slow
-def test_execute_runs_widget_cells_with_the_pinned_numerics(tmp_path):
-    notebook = {"cells": [cell("import ipywidgets as widgets\nwidgets.interact(lambda k=3: print(k * 7), k=(1, 5));"),
-                          cell("import os, torch\nprint(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads(), "
-                               "os.environ['MKL_CBWR'], os.environ['KDLAB_PROFILE'])")],
-                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+def run_probe(tmp_path, cells, extra_env, *args):
+    notebook = {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
                 "nbformat": 4, "nbformat_minor": 5}
     path = tmp_path / "probe.ipynb"
     path.write_text(json.dumps(notebook))
-    env = {k: v for k, v in os.environ.items() if k not in pinned_in_conftest() and k != "KDLAB_PROFILE"}
-    subprocess.run([sys.executable, str(ROOT / "notebooks" / "execute.py"), str(path), "--timeout", "120"],
-                   env=env, check=True, capture_output=True, text=True, timeout=300)
-    cells = json.loads(path.read_text())["cells"]
-    widget = "".join(cells[0]["outputs"][0]["data"]["text/plain"])
-    assert widget.startswith("interactive(children=(IntSlider(value=3, description='k', max=5, min=1)")
-    assert "".join(cells[1]["outputs"][0]["text"]).split() == ["DEFAULT", "2", "COMPATIBLE", "quick"]
+    env = {k: v for k, v in os.environ.items()
+           if k not in pinned_in_conftest() and k not in ("KDLAB_PROFILE", "KDLAB_PIN_NUMERICS")}
+    subprocess.run([sys.executable, str(ROOT / "notebooks" / "execute.py"), str(path), "--timeout", "120", *args],
+                   env={**env, **extra_env}, check=True, capture_output=True, text=True, timeout=300)
+    return json.loads(path.read_text())["cells"]
+
+
+PROBE = "import os, torch\nprint(torch.backends.cpu.get_cpu_capability(), os.environ.get('MKL_CBWR'), os.environ['KDLAB_PROFILE'])"
+
+
+@pytest.mark.slow
+def test_execute_runs_widget_cells_and_pins_only_on_request(tmp_path):
+    widget = cell("import ipywidgets as widgets\nwidgets.interact(lambda k=3: print(k * 7), k=(1, 5));")
+    cells = run_probe(tmp_path, [widget, cell(PROBE)], {"KDLAB_PIN_NUMERICS": "1"})
+    text = "".join(cells[0]["outputs"][0]["data"]["text/plain"])
+    assert text.startswith("interactive(children=(IntSlider(value=3, description='k', max=5, min=1)")
+    assert "".join(cells[1]["outputs"][0]["text"]).split() == ["DEFAULT", "COMPATIBLE", "quick"]
+    cells = run_probe(tmp_path, [cell(PROBE)], {})  # the default: the machine's own kernels
+    assert "".join(cells[0]["outputs"][0]["text"]).split()[1:] == ["None", "quick"]
+
+
+@pytest.mark.slow
+def test_update_references_rewrites_the_stored_value(tmp_path):
+    source = "from kdlab.notebook import expect_close\nexpect_close('probe value', 2.0 + 1.0, 1.0, 0.5)"
+    cells = run_probe(tmp_path, [cell(source)], {}, "--update-references")
+    assert "expect_close('probe value', 2.0 + 1.0, 3, 0.5)" in "".join(cells[0]["source"])
+    assert "".join(cells[0]["outputs"][0]["text"]).startswith("check: probe value = 3 (stored 3, tolerance +- 0.5)")
