@@ -8,7 +8,9 @@ import torch
 from kdlab.losses.gfl import distance_to_distribution, distribution_focal_loss, integral, quality_focal_loss
 from kdlab.models import build_detector
 from kdlab.models.atss import atss_assign
-from kdlab.models.box_ops import aligned_box_iou, bbox2distance, distance2bbox, diou
+from torchvision.ops import distance_box_iou
+
+from kdlab.models.box_ops import aligned_box_iou, bbox2distance, distance2bbox, points_in_boxes
 
 
 def test_integral_is_the_expectation():
@@ -74,7 +76,17 @@ def test_box_encoding_round_trip_and_ious():
     b = torch.tensor([[5.0, 0, 15, 10]])
     assert aligned_box_iou(a, b).item() == pytest.approx(50 / 150)
     # DIoU = IoU - d^2 / c^2: centres 5 apart, enclosing box 15 x 10 -> diagonal^2 = 325
-    assert diou(a, b).item() == pytest.approx(1 / 3 - 25 / 325)
+    assert distance_box_iou(a, b).item() == pytest.approx(1 / 3 - 25 / 325)  # the DIoU LD's VLR uses
+
+
+def test_points_in_boxes_is_strict_and_broadcasts():
+    points = torch.tensor([[5.0, 5.0], [10.0, 5.0], [12.0, 5.0], [1.0, 9.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [9.0, 4.0, 13.0, 6.0]])
+    inside = points_in_boxes(points, boxes)  # [N, K]
+    assert inside.tolist() == [[True, False], [False, True], [False, True], [True, False]]  # x = 10 is on the edge
+    batched = points_in_boxes(points[None], torch.stack([boxes, boxes.flip(0)]))  # [2, N, K]
+    assert torch.equal(batched[0], inside) and torch.equal(batched[1], inside.flip(1))
+    assert points_in_boxes(points, torch.zeros(0, 4)).shape == (4, 0)
 
 
 def test_atss_hand_built():
@@ -212,8 +224,8 @@ def test_build_detector_errors():
 
 
 def test_backbone_weights_missing_offline_names_file(monkeypatch, tmp_path):
-    import kdlab.models.zoo_weights as zoo_weights
-    from kdlab.models.zoo_weights import WeightsUnavailableError
+    import kdlab.models.weights as zoo_weights
+    from kdlab.models.weights import WeightsUnavailableError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
