@@ -38,7 +38,13 @@ relation filter        trained gate               random, re-drawn at every forw
 adapters               when channels differ       always (as released)
 RoIAlign               aligned, sampling ratio 2  ``aligned=False``, adaptive sampling
 relations need         >= 2 instances in an image >= 1 (an image of 1 still counts)
+GT boxes pooled from   their own image            image 0 of the batch (see below)
 =====================  =========================  ==================================
+
+The released code pools image ``b``'s GT boxes with ``roi_align(x, boxes=[gt_bboxes[b]])``
+(``two_stage.py`` L484-485): a one-tensor list means batch index 0, so every image's boxes are
+RoIAligned on the *first* image's map (student and teacher alike, so they still agree with each
+other). ``pool_from_first_image=True`` reproduces it; kdlab's default pools each image's own boxes.
 
 The paper states no weights for its squared distance; kdlab's 1.0 puts each per-entry MSE on the
 scale of the detection losses (the experiment sweeps them).
@@ -61,9 +67,11 @@ from kdlab.utils.dist import reduce_normalizer
 DRKD_VARIANTS = ("paper", "official")
 VARIANT_DEFAULTS = {
     "paper": dict(pixel_weight=1.0, instance_weight=1.0, instance_feature_weight=1.0, filter="trained",
-                  distance="squared", always_adapt=False, roi_aligned=True, roi_sampling_ratio=2, min_instances=2),
+                  distance="squared", always_adapt=False, roi_aligned=True, roi_sampling_ratio=2, min_instances=2,
+                  pool_from_first_image=False),
     "official": dict(pixel_weight=1e-3, instance_weight=4e-3, instance_feature_weight=2.4e-3, filter="random",
-                     distance="frobenius", always_adapt=True, roi_aligned=False, roi_sampling_ratio=-1, min_instances=1),
+                     distance="frobenius", always_adapt=True, roi_aligned=False, roi_sampling_ratio=-1, min_instances=1,
+                     pool_from_first_image=True),
 }
 # the released sizes: GloRe_Unit_2D(256, 64) on the two finest levels, (256, 256) on the others; S = 2 N
 RELEASED_NODES_FINE, RELEASED_NODES_COARSE = 64, 256
@@ -129,6 +137,8 @@ class DRKD(nn.Module):
         normalize_nodes: divide node features by ``H W`` (GloRe's option; released: no).
         zero_init: graph units start as the identity (released: no).
         always_adapt: *(variant)* adapters even when the channels match.
+        pool_from_first_image: *(variant)* the released code's RoIAlign of every image's boxes on
+            image 0's map (see the module docstring).
         probe_size: side of the blank image of the probe pass.
     """
 
@@ -140,18 +150,19 @@ class DRKD(nn.Module):
                  roi_output_size: int = 3, roi_sampling_ratio: int | None = None, roi_aligned: bool | None = None,
                  instance_embed_dim: int | None = None, min_instances: int | None = None, norm: str = "batch",
                  normalize_nodes: bool = False, zero_init: bool = False, always_adapt: bool | None = None,
-                 probe_size: int = 256):
+                 pool_from_first_image: bool | None = None, probe_size: int = 256):
         super().__init__()
         if variant not in DRKD_VARIANTS:
             raise ValueError(f"DRKD variant must be one of {DRKD_VARIANTS}, got {variant!r}")
         given = dict(pixel_weight=pixel_weight, instance_weight=instance_weight,
                      instance_feature_weight=instance_feature_weight, filter=filter, distance=distance,
                      always_adapt=always_adapt, roi_aligned=roi_aligned, roi_sampling_ratio=roi_sampling_ratio,
-                     min_instances=min_instances)
+                     min_instances=min_instances, pool_from_first_image=pool_from_first_image)
         options = {k: VARIANT_DEFAULTS[variant][k] if v is None else v for k, v in given.items()}
         self.variant, self.filter, self.distance = variant, options["filter"], options["distance"]
         self.roi_output_size, self.roi_aligned = roi_output_size, options["roi_aligned"]
         self.roi_sampling_ratio, self.min_instances = options["roi_sampling_ratio"], options["min_instances"]
+        self.pool_from_first_image = options["pool_from_first_image"]
         weights = {"loss_drkd_pixel": options["pixel_weight"], "loss_drkd_instance": options["instance_weight"],
                    "loss_drkd_instance_feature": options["instance_feature_weight"]}
         if any(w < 0 for w in weights.values()):
@@ -170,29 +181,34 @@ class DRKD(nn.Module):
                 raise ValueError(f"{name} {levels} out of range: the detectors have {num_levels} FPN maps")
         always = options["always_adapt"]
 
+        def adapters(levels: list[int]) -> nn.ModuleList:
+            return nn.ModuleList(adapter(student_channels[level], teacher_channels[level], always) for level in levels)
+
         if "loss_drkd_pixel" in self.weight_dict:
             if num_nodes is None:
                 num_nodes = [RELEASED_NODES_FINE if level < 2 else RELEASED_NODES_COARSE for level in self.pixel_levels]
             nodes = per_level(num_nodes, self.pixel_levels, "num_nodes")
             states = [2 * n for n in nodes] if num_state is None else per_level(num_state, self.pixel_levels, "num_state")
-            unit = dict(norm=norm, normalize=normalize_nodes, zero_init=zero_init)
-            self.student_graph_units = nn.ModuleList(
-                GraphReasoningUnit(student_channels[level], n, s, **unit) for level, n, s in zip(self.pixel_levels, nodes, states))
-            self.teacher_graph_units = nn.ModuleList(
-                GraphReasoningUnit(teacher_channels[level], n, s, **unit) for level, n, s in zip(self.pixel_levels, nodes, states))
-            self.pixel_adapters = nn.ModuleList(
-                adapter(student_channels[level], teacher_channels[level], always) for level in self.pixel_levels)
-        cells = roi_output_size * roi_output_size
+
+            def graph_units(channels: list[int]) -> nn.ModuleList:
+                return nn.ModuleList(
+                    GraphReasoningUnit(channels[level], n, s, norm=norm, normalize=normalize_nodes, zero_init=zero_init)
+                    for level, n, s in zip(self.pixel_levels, nodes, states))
+
+            self.student_graph_units = graph_units(student_channels)
+            self.teacher_graph_units = graph_units(teacher_channels)
+            self.pixel_adapters = adapters(self.pixel_levels)
         if "loss_drkd_instance" in self.weight_dict:
-            def relation(channels: int) -> InstanceRelationModule:
-                return InstanceRelationModule(channels * cells, instance_embed_dim, self.filter)
-            self.student_instance_relations = nn.ModuleList(relation(student_channels[level]) for level in self.instance_levels)
-            self.teacher_instance_relations = nn.ModuleList(relation(teacher_channels[level]) for level in self.instance_levels)
-            self.instance_adapters = nn.ModuleList(
-                adapter(student_channels[level], teacher_channels[level], always) for level in self.instance_levels)
+            def relation_modules(channels: list[int]) -> nn.ModuleList:
+                return nn.ModuleList(
+                    InstanceRelationModule(channels[level] * roi_output_size ** 2, instance_embed_dim, self.filter)
+                    for level in self.instance_levels)
+
+            self.student_instance_relations = relation_modules(student_channels)
+            self.teacher_instance_relations = relation_modules(teacher_channels)
+            self.instance_adapters = adapters(self.instance_levels)
         if "loss_drkd_instance_feature" in self.weight_dict:
-            self.instance_feature_adapters = nn.ModuleList(
-                adapter(student_channels[level], teacher_channels[level], always) for level in self.instance_levels)
+            self.instance_feature_adapters = adapters(self.instance_levels)
 
     def forward(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:
         """Unweighted DRKD terms of the enabled parts (the keys of ``weight_dict``)."""
@@ -208,7 +224,8 @@ class DRKD(nn.Module):
         if "loss_drkd_pixel" in self.weight_dict:
             terms["loss_drkd_pixel"] = self.pixel_term(student_features, teacher_features)
         if "loss_drkd_instance" in self.weight_dict or "loss_drkd_instance_feature" in self.weight_dict:
-            terms.update(self.instance_terms(student_features, teacher_features, [t["boxes"] for t in targets], strides))
+            gt_boxes = [t["boxes"] for t in targets]
+            terms.update(self.instance_terms(student_features, teacher_features, gt_boxes, strides))
         return terms
 
     def combine_levels(self, losses: list[Tensor]) -> Tensor:
@@ -228,11 +245,13 @@ class DRKD(nn.Module):
 
     def pool_instances(self, features: Tensor, boxes: list[Tensor], stride: int) -> Tensor:
         """``[sum K_i, C, S, S]`` RoIAlign of the GT boxes on one map, images in batch order."""
+        if self.pool_from_first_image:  # released: roi_align(x, boxes=[gt_b]) reads image 0 for every b
+            features, boxes = features[:1], [torch.cat(boxes)]
         return roi_align(features.float(), boxes, self.roi_output_size, 1.0 / stride, self.roi_sampling_ratio,
                          aligned=self.roi_aligned)
 
-    def instance_terms(self, student_features: list[Tensor], teacher_features: list[Tensor], gt_boxes: list[Tensor],
-                       strides: list[int]) -> dict[str, Tensor]:
+    def instance_terms(self, student_features: list[Tensor], teacher_features: list[Tensor],
+                       gt_boxes: list[Tensor], strides: list[int]) -> dict[str, Tensor]:
         """``loss_drkd_instance`` and ``loss_drkd_instance_feature`` over the instance levels."""
         boxes = [b.detach().float() for b in gt_boxes]
         counts = [len(b) for b in boxes]
@@ -253,11 +272,12 @@ class DRKD(nn.Module):
                         student_features[level], *self.student_instance_relations[k].parameters(),
                         *self.teacher_instance_relations[k].parameters(), *self.instance_adapters[k].parameters()))
                     continue
-                student_relations = [self.instance_adapters[k](self.student_instance_relations[k](student_pooled[i]))
-                                     for i in related]
-                teacher_relations = [self.teacher_instance_relations[k](teacher_pooled[i]) for i in related]
+                student_module, teacher_module = self.student_instance_relations[k], self.teacher_instance_relations[k]
+                student_relations = [self.instance_adapters[k](student_module(student_pooled[i])) for i in related]
+                teacher_relations = [teacher_module(teacher_pooled[i]) for i in related]  # per image [K_i, C_t, S, S]
                 entries = reduce_normalizer(torch.tensor(float(sum(counts[i] for i in related) * cells), device=device))
-                relation_losses.append(instance_relation_loss(student_relations, teacher_relations, self.distance, entries))
+                relation_losses.append(
+                    instance_relation_loss(student_relations, teacher_relations, self.distance, entries))
         terms = {}
         if feature_losses:
             terms["loss_drkd_instance_feature"] = self.combine_levels(feature_losses)

@@ -209,9 +209,9 @@ class InstanceRelationModule(nn.Module):
             scores = (instances @ w_first)[:, None] + (instances @ w_second)[None, :] + self.pair_gate.bias
             return torch.sigmoid(scores)
         if self.filter == "random":  # the released code's nn.Linear(D, K), re-created at every forward
-            bound = 1.0 / math.sqrt(self.in_dim)
-            weight = torch.empty(num, self.in_dim, device=instances.device, dtype=instances.dtype).uniform_(-bound, bound)
-            bias = torch.empty(num, device=instances.device, dtype=instances.dtype).uniform_(-bound, bound)
+            bound, like = 1.0 / math.sqrt(self.in_dim), dict(device=instances.device, dtype=instances.dtype)
+            weight = torch.empty(num, self.in_dim, **like).uniform_(-bound, bound)  # [K, D], kaiming_uniform(a=sqrt(5))
+            bias = torch.empty(num, **like).uniform_(-bound, bound)
             return torch.softmax(F.linear(instances, weight, bias), dim=-1)
         return instances.new_ones(num, num)
 
