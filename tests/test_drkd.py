@@ -313,6 +313,20 @@ def test_state_dict_round_trip_restores_the_losses():
         torch.testing.assert_close(got[name], expected[name])
 
 
+@pytest.mark.parametrize("variant", ["paper", "official"])
+def test_bfloat16_maps_under_autocast(variant):
+    # kdlab's AMP (CUDA) gives bf16 FPN maps: the terms stay float32 and finite, the student still gets gradient
+    drkd = small_drkd(student_channels=4, teacher_channels=6, variant=variant)
+    student, teacher = fpn_output(4, 0, requires_grad=True), fpn_output(6, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = drkd(SimpleNamespace(features=[f.bfloat16() for f in student.features], image_sizes=student.image_sizes),
+                     SimpleNamespace(features=[f.bfloat16() for f in teacher.features], image_sizes=teacher.image_sizes),
+                     box_targets(3, 2))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
+    sum(terms.values()).backward()
+    assert all(f.grad is not None and torch.isfinite(f.grad).all() for f in student.features)
+
+
 # ----------------------------------------------------------------------------- on kdlab's detectors
 def tiny_detector(family: str, fpn_channels: int, seed: int):
     """Options of configs/shapes_{retinanet,fasterrcnn}_r18.yaml, narrower."""
