@@ -46,8 +46,12 @@ The released code pools image ``b``'s GT boxes with ``roi_align(x, boxes=[gt_bbo
 RoIAligned on the *first* image's map (student and teacher alike, so they still agree with each
 other). ``pool_from_first_image=True`` reproduces it; kdlab's default pools each image's own boxes.
 
-The paper states no weights for its squared distance; kdlab's 1.0 puts each per-entry MSE on the
-scale of the detection losses (the experiment sweeps them).
+The released weights go with the Frobenius norm; the squared distance's 1.0 are kdlab's (each
+per-entry MSE then sits on the scale of the detection losses; the experiment sweeps them).
+RetinaNet: the released ``single_stage.py`` does not run (``extract_feat(img, gt_bboxes)`` to a
+one-argument method, L480; relation modules built for ``256 x 1 x 1`` inputs fed ``256 x 3 x 3``,
+L381-391 vs L500) and has the pixel term and the filter commented out; kdlab applies the
+two-stage recipe above to both detectors.
 """
 
 from __future__ import annotations

@@ -74,8 +74,9 @@ class GraphReasoningUnit(nn.Module):
 
     ``A`` (``N x N``, :attr:`adjacency`) mixes the nodes: the first 1-D convolution of the graph
     convolution, across nodes, with the identity as a residual; ``W_g`` (``S x S``) is the second,
-    across states. The GloRe paper writes ``Z = ((I − A) V) W_g`` without the ReLU and bias; its
-    released code (which DRKD's copies) computes the form above, and so does kdlab.
+    across states. The GloRe paper writes ``Z = ((I − A) V) W_g``; its released code (which DRKD's
+    copies) computes the form above (``I + A``, the sign being learned; a bias on ``A``; a ReLU
+    between the two maps), and so does kdlab.
 
     Released-code details kept here: no ``1/L`` normalisation of ``V`` (``normalize=False``, the
     default of ``GloRe_Unit_2D``), a bias on ``W_s``, ``W_b`` and ``A`` but not on ``W_g`` or
@@ -176,8 +177,8 @@ class InstanceRelationModule(nn.Module):
     - ``"random"`` (the released code, ``variant="official"``): ``gate = softmax_j(x R + r)`` with
       ``R [D, K]``, ``r [K]`` drawn afresh at every call with ``nn.Linear``'s default init
       (``U(±1/sqrt(D))``). Its width depends on ``K``, so it cannot be a parameter: it never
-      learns, and column ``j`` is a random slot, not instance ``j``. Its rows sum to 1, so it
-      mostly divides the similarities by about ``K``.
+      learns, and column ``j`` is a random slot, not instance ``j``. Its rows sum to 1 (entries
+      average ``1/K``): mostly a noisy shrinking of the similarities by about ``K``.
     - ``"none"``: no filter (``gate = 1``).
 
     An image with no instance gives empty outputs; with one, ``a = [[1]]``.
