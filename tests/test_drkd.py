@@ -7,7 +7,7 @@ RetinaNet and Faster R-CNN detectors test that DRKD runs on kdlab's outputs.
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -15,12 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from kdlab.distill.drkd import DRKD, fpn_strides
+from kdlab.distill.drkd import DRKD
+from kdlab.models.outputs import DetectorOutput
 from kdlab.distill.relation_units import GraphReasoningUnit, InstanceRelationModule
 from kdlab.losses.drkd import frobenius_distance, instance_feature_loss, instance_relation_loss, pixel_relation_loss
 
 
 # ----------------------------------------------------------------------------- helpers
+@dataclass
+class FPNOutput(DetectorOutput):
+    """The part of a detector output DRKD reads: FPN maps and image sizes (strides from the map heights)."""
+
+    features: list
+    image_sizes: list
+
+    @property
+    def feature_strides(self) -> list[int]:
+        max_height = max(h for h, _ in self.image_sizes)
+        return [2 ** round(math.log2(max_height / f.shape[-2])) for f in self.features]
+
+
 class FakeFPN(nn.Module):
     """A stand-in detector: FPN maps of ``channels`` at ``strides`` (a 1x1 conv of the pooled image)."""
 
@@ -31,7 +45,7 @@ class FakeFPN(nn.Module):
 
     def forward(self, images, image_sizes, targets=None):
         x = self.proj(images)
-        return SimpleNamespace(features=[F.avg_pool2d(x, s, ceil_mode=True) for s in self.strides],
+        return FPNOutput(features=[F.avg_pool2d(x, s, ceil_mode=True) for s in self.strides],
                                image_sizes=image_sizes)
 
 
@@ -39,7 +53,7 @@ def fpn_output(channels: int, seed: int, size: int = 64, strides=(4, 8, 16), bat
     g = torch.Generator().manual_seed(seed)
     features = [torch.randn(batch, channels, size // s, size // s, generator=g).requires_grad_(requires_grad)
                 for s in strides]
-    return SimpleNamespace(features=features, image_sizes=[(size, size)] * batch)
+    return FPNOutput(features=features, image_sizes=[(size, size)] * batch)
 
 
 def box_targets(*counts: int, size: int = 64):
@@ -319,8 +333,8 @@ def test_bfloat16_maps_under_autocast(variant):
     drkd = small_drkd(student_channels=4, teacher_channels=6, variant=variant)
     student, teacher = fpn_output(4, 0, requires_grad=True), fpn_output(6, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        terms = drkd(SimpleNamespace(features=[f.bfloat16() for f in student.features], image_sizes=student.image_sizes),
-                     SimpleNamespace(features=[f.bfloat16() for f in teacher.features], image_sizes=teacher.image_sizes),
+        terms = drkd(FPNOutput(features=[f.bfloat16() for f in student.features], image_sizes=student.image_sizes),
+                     FPNOutput(features=[f.bfloat16() for f in teacher.features], image_sizes=teacher.image_sizes),
                      box_targets(3, 2))
     assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in terms.values())
     sum(terms.values()).backward()
@@ -360,7 +374,7 @@ def test_drkd_on_kdlabs_detectors(family, strides, variant):
     student_out = student(images, sizes, targets)
     with torch.no_grad():
         teacher_out = teacher(images, sizes)
-    assert fpn_strides(student_out) == strides
+    assert student_out.feature_strides == strides
     terms = drkd(student_out, teacher_out, targets)
     assert set(terms) == set(drkd.weight_dict) and all(torch.isfinite(v) and v > 0 for v in terms.values())
     sum(drkd.weight_dict[k] * v for k, v in terms.items()).backward()

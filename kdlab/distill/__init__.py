@@ -4,6 +4,7 @@
 
 - ``"ld"``: :class:`kdlab.distill.ld.LD` (Localization Distillation, METHODS.md §1)
 - ``"gid"``: :class:`kdlab.distill.gid.GID` (General Instance Distillation, METHODS.md §2)
+- ``"drkd"``: :class:`kdlab.distill.drkd.DRKD` (Dual Relation Knowledge Distillation, METHODS.md §4)
 - ``"fitnet"``, ``"inside_gt"``, ``"fine_grained"``, ``"gi_imitation"``, ``"cls_kd"``: the
   feature-imitation and logit-KD baselines of :mod:`kdlab.distill.imitation`
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from kdlab.distill.base import DistillationTask, DistillCriterion
+from kdlab.distill.drkd import DRKD
 from kdlab.distill.gid import GID
 from kdlab.distill.imitation import ClassificationKD, FineGrainedImitation, FitNet, GIImitation, InsideGTImitation
 from kdlab.distill.ld import LD
@@ -26,6 +28,7 @@ from kdlab.models.base import Detector
 METHODS: dict[str, type[DistillCriterion]] = {
     "ld": LD,
     "gid": GID,
+    "drkd": DRKD,
     "fitnet": FitNet,
     "inside_gt": InsideGTImitation,
     "fine_grained": FineGrainedImitation,
@@ -90,5 +93,5 @@ def build_distillation(spec: str, student: Detector, teacher: Detector, options:
 
 
 __all__ = ["METHODS", "RECIPES", "DistillationTask", "DistillCriterion", "build_distillation", "method_options",
-           "parse_distill", "LD", "GID", "FitNet", "InsideGTImitation", "FineGrainedImitation", "GIImitation",
+           "parse_distill", "LD", "GID", "DRKD", "FitNet", "InsideGTImitation", "FineGrainedImitation", "GIImitation",
            "ClassificationKD"]

@@ -160,20 +160,25 @@ def slot_mask_to_locations(slot_mask: Tensor, output: DenseOutput) -> list[Tenso
     return masks
 
 
-@torch.no_grad()
-def fpn_channels(model: nn.Module, given: int | None = None, probe_size: int = 256) -> int:
+def fpn_channels(model: nn.Module, given: int | None = None) -> int:
     """Channels of a detector's FPN maps: ``given`` when set, else ``model.backbone.out_channels``
-    (kdlab's and torchvision's FPN backbones), else read from one forward pass on a blank image."""
+    (kdlab's and torchvision's FPN backbones), else read from a probe pass (:func:`probe_output`)."""
     if given is not None:
         return int(given)
     channels = getattr(getattr(model, "backbone", None), "out_channels", None)
     if isinstance(channels, int):
         return channels
+    return int(probe_output(model).features[0].shape[1])
+
+
+@torch.no_grad()
+def probe_output(model: nn.Module, image_size: int = 256):
+    """The output of one eval-mode forward on a blank ``image_size`` square image (to read a model's
+    FPN channels and strides before training; the model's mode is restored)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        output = model(torch.zeros(1, 3, probe_size, probe_size, device=device), [(probe_size, probe_size)])
+        return model(torch.zeros(1, 3, image_size, image_size, device=device), [(image_size, image_size)])
     finally:
         model.train(was_training)
-    return int(output.features[0].shape[1])

@@ -13,8 +13,8 @@ small object covers only a few cells. DRKD distils *relations* instead, on the F
 
 The losses are in :mod:`kdlab.losses.drkd`. :class:`DRKD` is a distillation *criterion*:
 ``forward(student_out, teacher_out, targets) -> {term: unweighted loss}`` with ``weight_dict``.
-It reads only ``out.features`` (FPN maps ``[B, C, H, W]``, finest first), ``out.image_sizes`` and
-``targets[i]["boxes"]``, so it works with RetinaNet (P3-P7) and Faster R-CNN (P2-P6, ``"pool"``
+It reads only ``out.features`` (FPN maps ``[B, C, H, W]``, finest first), ``out.feature_strides``
+and ``targets[i]["boxes"]``, so it works with RetinaNet (P3-P7) and Faster R-CNN (P2-P6, ``"pool"``
 included, as the released code does) students alike; student and teacher must have the same
 levels (same number and strides), their channels may differ.
 
@@ -56,16 +56,17 @@ two-stage recipe above to both detectors.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from kdlab.distill.base import DistillCriterion
+from kdlab.distill.common import probe_output
 from kdlab.distill.relation_units import GraphReasoningUnit, InstanceRelationModule
+from kdlab.losses.common import zero_with_grad
 from kdlab.losses.drkd import instance_feature_loss, instance_relation_loss, pixel_relation_loss
-from kdlab.losses.gid import zero_with_grad
 from kdlab.utils.dist import reduce_normalizer
 
 DRKD_VARIANTS = ("paper", "official")
@@ -81,24 +82,10 @@ VARIANT_DEFAULTS = {
 RELEASED_NODES_FINE, RELEASED_NODES_COARSE = 64, 256
 
 
-def fpn_strides(output) -> list[int]:
-    """Stride of each map in ``output.features``, inferred from its height as torchvision's
-    ``MultiScaleRoIAlign`` does: ``2^round(log2(largest image height / H_l))``."""
-    max_height = max(h for h, _ in output.image_sizes)
-    return [2 ** round(math.log2(max_height / f.shape[-2])) for f in output.features]
-
-
-@torch.no_grad()
 def probe_fpn(detector: nn.Module, image_size: int = 256) -> tuple[list[int], list[int]]:
     """``(channels, strides)`` of a detector's FPN maps, from one eval-mode pass on a blank image."""
-    device = next(detector.parameters()).device
-    was_training = detector.training
-    detector.eval()
-    try:
-        output = detector(torch.zeros(1, 3, image_size, image_size, device=device), [(image_size, image_size)])
-    finally:
-        detector.train(was_training)
-    return [int(f.shape[1]) for f in output.features], fpn_strides(output)
+    output = probe_output(detector, image_size)
+    return [int(f.shape[1]) for f in output.features], output.feature_strides
 
 
 def per_level(value: int | Sequence[int], levels: list[int], name: str) -> list[int]:
@@ -117,7 +104,7 @@ def adapter(student_channels: int, teacher_channels: int, always: bool) -> nn.Mo
     return nn.Identity()
 
 
-class DRKD(nn.Module):
+class DRKD(DistillCriterion):
     """Dual relation distillation criterion (see the module docstring).
 
     Args:
@@ -146,6 +133,10 @@ class DRKD(nn.Module):
         probe_size: side of the blank image of the probe pass.
     """
 
+    name = "drkd"
+    method = "DRKD"
+    supported_kinds = ("dense", "two_stage")
+
     def __init__(self, student: nn.Module, teacher: nn.Module, *, variant: str = "paper",
                  pixel_weight: float | None = None, instance_weight: float | None = None,
                  instance_feature_weight: float | None = None, num_nodes: int | Sequence[int] | None = None,
@@ -155,7 +146,7 @@ class DRKD(nn.Module):
                  instance_embed_dim: int | None = None, min_instances: int | None = None, norm: str = "batch",
                  normalize_nodes: bool = False, zero_init: bool = False, always_adapt: bool | None = None,
                  pool_from_first_image: bool | None = None, probe_size: int = 256):
-        super().__init__()
+        super().__init__(student, teacher)
         if variant not in DRKD_VARIANTS:
             raise ValueError(f"DRKD variant must be one of {DRKD_VARIANTS}, got {variant!r}")
         given = dict(pixel_weight=pixel_weight, instance_weight=instance_weight,
@@ -218,8 +209,8 @@ class DRKD(nn.Module):
         """Unweighted DRKD terms of the enabled parts (the keys of ``weight_dict``)."""
         student_features = list(student_out.features)
         teacher_features = [f.detach() for f in teacher_out.features]  # the teacher network gets no gradient
-        strides = fpn_strides(student_out)
-        check_levels(strides, fpn_strides(teacher_out))
+        strides = student_out.feature_strides
+        check_levels(strides, teacher_out.feature_strides)
         for level, (s, t) in enumerate(zip(student_features, teacher_features)):
             if s.shape[0] != t.shape[0] or s.shape[-2:] != t.shape[-2:]:
                 raise ValueError(f"FPN map {level}: student {tuple(s.shape)} and teacher {tuple(t.shape)} "

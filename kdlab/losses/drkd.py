@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdlab.losses.gid import zero_with_grad
+from kdlab.losses.common import zero_with_grad
 
 DISTANCES = ("squared", "frobenius")
 

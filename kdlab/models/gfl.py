@@ -13,13 +13,13 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from kdlab.losses.gfl import integral
 from kdlab.models.atss import atss_assign
 from kdlab.models.backbone import ResNetFPN
 from kdlab.models.base import Detector
 from kdlab.models.box_ops import distance2bbox
+from kdlab.models.common import postprocess_dense
 from kdlab.models.layers import Scale, conv_tower, group_norm
 from kdlab.models.outputs import DenseAssignment, DenseOutput
 from kdlab.models.priors import grid_priors
@@ -160,33 +160,15 @@ class GFL(Detector):
 
     @torch.no_grad()
     def postprocess(self, output: DenseOutput) -> list[dict[str, Tensor]]:
-        """Score threshold, top-k per level, class-wise NMS and top-``detections_per_img`` per image.
+        """Per level the ``pre_nms_topk`` slots by max score, every (slot, class) above the score
+        threshold, class-wise NMS, the best ``detections_per_img`` (mmdet's GFL test pipeline).
 
         Scores are ``sigmoid(cls_logits)``: in GFL the class score *is* the localisation quality
         estimate (QFL), so no separate centre-ness or IoU branch multiplies it.
         """
-        results = []
-        scores_all = output.cls_logits.float().sigmoid()  # [B, N, C]
-        for b, (h, w) in enumerate(output.image_sizes):
-            boxes_kept, scores_kept, labels_kept = [], [], []
-            start = 0
-            for n_level in output.num_per_level:
-                scores = scores_all[b, start : start + n_level]  # [n, C]
-                boxes = output.pred_boxes[b, start : start + n_level].float()
-                start += n_level
-                max_scores = scores.max(dim=1).values
-                if n_level > self.pre_nms_topk:
-                    keep = max_scores.topk(self.pre_nms_topk).indices
-                    scores, boxes = scores[keep], boxes[keep]
-                slot, cls = (scores > self.score_thresh).nonzero(as_tuple=True)
-                boxes_kept.append(boxes[slot])
-                scores_kept.append(scores[slot, cls])
-                labels_kept.append(cls)
-            boxes = clip_boxes_to_image(torch.cat(boxes_kept), (h, w))
-            scores, labels = torch.cat(scores_kept), torch.cat(labels_kept)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        return postprocess_dense(output.cls_logits.float().sigmoid(), output.pred_boxes.float(), output.num_per_level,
+                                 output.image_sizes, self.score_thresh, self.pre_nms_topk, self.nms_thresh,
+                                 self.detections_per_img, candidates="slots")
 
     def build_criterion(self):
         from kdlab.models.gfl_criterion import GFLCriterion
