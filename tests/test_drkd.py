@@ -172,15 +172,20 @@ def test_zero_and_one_instance(filter):
 def test_losses_by_hand():
     s = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
     t = torch.tensor([[1.0, 0.0], [3.0, 2.0]]).view(1, 1, 2, 2)  # difference (0, 2, 0, 2): 8 squared, norm sqrt(8)
-    assert pixel_relation_loss(s, t) == pytest.approx(8 / 4)
-    assert pixel_relation_loss(s, t, num_entries=2.0) == pytest.approx(4.0)
+    # relative: 8 over the teacher's squared norm 1 + 9 + 4 = 14
+    assert pixel_relation_loss(s, t) == pytest.approx(8 / 14)
+    assert pixel_relation_loss(s, t, "squared") == pytest.approx(8 / 4)
+    assert pixel_relation_loss(s, t, "squared", num_entries=2.0) == pytest.approx(4.0)
+    # the relative distance does not change when both sides are scaled
+    assert pixel_relation_loss(20 * s, 20 * t) == pytest.approx(8 / 14)
     assert pixel_relation_loss(s, t, "frobenius") == pytest.approx(math.sqrt(8))
     assert frobenius_distance(s, t) == pytest.approx(torch.dist(s, t).item())
     # instances, per image: image 0 difference 8 (4 entries), image 1 difference 1 (4 entries)
     s_images = [s, torch.ones(1, 1, 2, 2)]
     t_images = [t, torch.tensor([0.0, 1, 1, 1]).view(1, 1, 2, 2)]
     for loss in (instance_relation_loss, instance_feature_loss):
-        assert loss(s_images, t_images) == pytest.approx(9 / 8)
+        assert loss(s_images, t_images, "squared") == pytest.approx(9 / 8)
+        assert loss(s_images, t_images) == pytest.approx(9 / (14 + 3))  # teacher squared norms 14 and 3
         assert loss(s_images, t_images, "frobenius") == pytest.approx(math.sqrt(8) + 1.0)
     with pytest.raises(ValueError, match="adapter"):
         pixel_relation_loss(s, torch.zeros(1, 2, 2, 2))
@@ -190,7 +195,7 @@ def test_losses_by_hand():
 
 def test_losses_are_zero_with_gradient_when_there_is_nothing_to_compare():
     empty = [torch.zeros(0, 2, 3, 3, requires_grad=True)]
-    for distance in ("squared", "frobenius"):
+    for distance in ("relative", "squared", "frobenius"):
         loss = instance_relation_loss(empty, [torch.zeros(0, 2, 3, 3)], distance)
         assert loss == 0 and loss.requires_grad
         loss.backward()

@@ -32,7 +32,7 @@ Variants (each default can be overridden alone):
 option                 ``"paper"`` (default)      ``"official"`` (released code)
 =====================  =========================  ==================================
 weights pixel/inst/ft  1.0 / 1.0 / 1.0 (kdlab's)  1e-3 / 4e-3 / 2.4e-3
-distance               squared, mean over entries un-squared Frobenius, summed
+distance               relative squared error     un-squared Frobenius, summed
 over levels            mean                       sum
 relation filter        trained gate               random, re-drawn at every forward
 adapters               when channels differ       always (as released)
@@ -66,13 +66,13 @@ from kdlab.distill.base import DistillCriterion
 from kdlab.distill.common import probe_output
 from kdlab.distill.relation_units import GraphReasoningUnit, InstanceRelationModule
 from kdlab.losses.common import zero_with_grad
-from kdlab.losses.drkd import instance_feature_loss, instance_relation_loss, pixel_relation_loss
-from kdlab.utils.dist import reduce_normalizer
+from kdlab.losses.drkd import instance_feature_loss, instance_relation_loss, pixel_relation_loss, teacher_energy
+from kdlab.utils.dist import reduce_mean, reduce_normalizer
 
 DRKD_VARIANTS = ("paper", "official")
 VARIANT_DEFAULTS = {
     "paper": dict(pixel_weight=1.0, instance_weight=1.0, instance_feature_weight=1.0, filter="trained",
-                  distance="squared", always_adapt=False, roi_aligned=True, roi_sampling_ratio=2, min_instances=2,
+                  distance="relative", always_adapt=False, roi_aligned=True, roi_sampling_ratio=2, min_instances=2,
                   pool_from_first_image=False),
     "official": dict(pixel_weight=1e-3, instance_weight=4e-3, instance_feature_weight=2.4e-3, filter="random",
                      distance="frobenius", always_adapt=True, roi_aligned=False, roi_sampling_ratio=-1, min_instances=1,
@@ -119,7 +119,7 @@ class DRKD(DistillCriterion):
         pixel_levels: indices of the maps with a graph unit (default: all).
         instance_levels: maps the GT boxes are pooled on ((0, 1): the two finest, released).
         filter: *(variant)* ``"trained"``, ``"random"`` or ``"none"``; see :class:`InstanceRelationModule`.
-        distance: *(variant)* ``"squared"`` or ``"frobenius"``; see :mod:`kdlab.losses.drkd`.
+        distance: *(variant)* ``"relative"``, ``"squared"`` or ``"frobenius"``; see :mod:`kdlab.losses.drkd`.
         roi_output_size: ``S`` of the pooled instances (3).
         roi_sampling_ratio, roi_aligned: *(variant)* RoIAlign's options.
         instance_embed_dim: ``E`` of the instance modules (default ``C S² // 2``, released).
@@ -223,8 +223,19 @@ class DRKD(DistillCriterion):
             terms.update(self.instance_terms(student_features, teacher_features, gt_boxes, strides))
         return terms
 
+    def normalizer(self, teacher_side: list[Tensor]) -> Tensor | None:
+        """The loss normaliser over the whole (all-process) batch: ``Σ t²`` (relative) or the number of
+        entries (squared), averaged over processes so that ``W`` processes equal one big batch."""
+        if self.distance == "frobenius":
+            return None
+        if self.distance == "relative":
+            value = teacher_energy(teacher_side)
+            return reduce_mean(value).clamp(min=1e-12) if torch.is_tensor(value) else None
+        device = teacher_side[0].device if teacher_side else None
+        return reduce_normalizer(torch.tensor(float(sum(t.numel() for t in teacher_side)), device=device))
+
     def combine_levels(self, losses: list[Tensor]) -> Tensor:
-        """Mean over levels (squared distance) or their sum (the released Frobenius recipe)."""
+        """Mean over levels (relative, squared distance) or their sum (the released Frobenius recipe)."""
         total = torch.stack(losses).sum()
         return total if self.distance == "frobenius" else total / len(losses)
 
@@ -234,8 +245,8 @@ class DRKD(DistillCriterion):
         for k, level in enumerate(self.pixel_levels):
             student_relation = self.pixel_adapters[k](self.student_graph_units[k](student_features[level]))
             teacher_relation = self.teacher_graph_units[k](teacher_features[level])
-            entries = reduce_normalizer(torch.tensor(float(teacher_relation.numel()), device=teacher_relation.device))
-            losses.append(pixel_relation_loss(student_relation, teacher_relation, self.distance, entries))
+            losses.append(pixel_relation_loss(student_relation, teacher_relation, self.distance,
+                                              self.normalizer([teacher_relation])))
         return self.combine_levels(losses)
 
     def pool_instances(self, features: Tensor, boxes: list[Tensor], stride: int) -> Tensor:
@@ -253,14 +264,12 @@ class DRKD(DistillCriterion):
         related = [i for i, n in enumerate(counts) if n >= self.min_instances and n > 0]
         relation_losses, feature_losses = [], []
         for k, level in enumerate(self.instance_levels):
-            device = student_features[level].device
             student_pooled = self.pool_instances(student_features[level], boxes, strides[level]).split(counts)
             teacher_pooled = self.pool_instances(teacher_features[level], boxes, strides[level]).split(counts)
-            cells = teacher_features[level].shape[1] * self.roi_output_size ** 2  # C_t S² of one instance
             if "loss_drkd_instance_feature" in self.weight_dict:
                 adapted = [self.instance_feature_adapters[k](p) for p in student_pooled]
-                entries = reduce_normalizer(torch.tensor(float(sum(counts) * cells), device=device))
-                feature_losses.append(instance_feature_loss(adapted, list(teacher_pooled), self.distance, entries))
+                feature_losses.append(instance_feature_loss(adapted, list(teacher_pooled), self.distance,
+                                                            self.normalizer(list(teacher_pooled))))
             if "loss_drkd_instance" in self.weight_dict:
                 if not related:  # nothing to relate: a zero that keeps the modules and the map in the graph (DDP)
                     relation_losses.append(zero_with_grad(
@@ -270,9 +279,8 @@ class DRKD(DistillCriterion):
                 student_module, teacher_module = self.student_instance_relations[k], self.teacher_instance_relations[k]
                 student_relations = [self.instance_adapters[k](student_module(student_pooled[i])) for i in related]
                 teacher_relations = [teacher_module(teacher_pooled[i]) for i in related]  # per image [K_i, C_t, S, S]
-                entries = reduce_normalizer(torch.tensor(float(sum(counts[i] for i in related) * cells), device=device))
-                relation_losses.append(
-                    instance_relation_loss(student_relations, teacher_relations, self.distance, entries))
+                relation_losses.append(instance_relation_loss(student_relations, teacher_relations, self.distance,
+                                                              self.normalizer(teacher_relations)))
         terms = {}
         if feature_losses:
             terms["loss_drkd_instance_feature"] = self.combine_levels(feature_losses)

@@ -4,13 +4,16 @@ Notation: ``R_s = adapt(G_s(F_s))`` and ``R_t = G_t(F_t)`` the student's (adapte
 teacher's graph-unit outputs on one FPN level; ``Z_s, Z_t`` the instance relation outputs and
 ``P_s, P_t`` the RoIAligned GT-box features of one image (``[K_i, C, S, S]``).
 
-Two distances, selected by ``distance``:
+Three distances, selected by ``distance``:
 
-- ``"squared"`` (kdlab's default, the paper's squared L2): the squared error summed over the
-  entries and divided by their number, i.e. an MSE. Normalised this way the terms do not grow
-  with image size, channels or instances, so a weight carries over between scales. The
-  normaliser can be given explicitly (a count averaged over processes, see
-  ``kdlab.utils.dist.reduce_normalizer``) so that ``W`` processes equal one with the whole batch.
+- ``"relative"`` (kdlab's default): the paper's squared L2 divided by the teacher side's squared
+  norm, ``||s − t||² / ||t||²``. A relative error does not depend on how large a teacher's
+  activations are (the shapes RetinaNet teacher's FPN maps are ~20x larger than the Faster R-CNN
+  teacher's), so one weight serves every teacher; and the teacher-side graph units, which train
+  through this loss only, gain nothing by shrinking their output. The norm is detached.
+- ``"squared"``: the squared error divided by the number of entries, an MSE.
+- Both normalisers can be given explicitly (summed over the batch and averaged over processes,
+  see ``kdlab.utils.dist``) so that ``W`` processes equal one process with the whole batch.
 - ``"frobenius"`` (``variant="official"``): the released code's ``torch.dist(a, b, p=2)``, the
   un-squared Frobenius norm of the whole difference: not divided by anything, summed over levels
   and images. Its gradient ``(a − b) / ||a − b||`` has norm 1 whatever the difference's size.
@@ -25,7 +28,7 @@ from torch import Tensor
 
 from kdlab.losses.common import zero_with_grad
 
-DISTANCES = ("squared", "frobenius")
+DISTANCES = ("relative", "squared", "frobenius")
 
 
 def _check(student: Tensor, teacher: Tensor, what: str) -> None:
@@ -49,18 +52,26 @@ def frobenius_distance(student: Tensor, teacher: Tensor) -> Tensor:
     return torch.linalg.vector_norm(student.float() - teacher.float())
 
 
-def pixel_relation_loss(student_relation: Tensor, teacher_relation: Tensor, distance: str = "squared",
+def teacher_energy(teacher: list[Tensor] | Tensor) -> Tensor:
+    """``Σ_e t_e²`` over the teacher-side tensors, detached: the ``"relative"`` normaliser."""
+    tensors = [teacher] if isinstance(teacher, Tensor) else teacher
+    return sum(t.detach().float().pow(2).sum() for t in tensors)
+
+
+def pixel_relation_loss(student_relation: Tensor, teacher_relation: Tensor, distance: str = "relative",
                         num_entries: Tensor | float | None = None) -> Tensor:
     """Pixel-wise relation loss of one FPN level.
 
+    - ``"relative"``: ``L_pixel^l = Σ (R_s − R_t)² / Σ R_t²`` over ``b, c, y, x``
     - ``"squared"``: ``L_pixel^l = 1 / (B C H W) Σ_{b,c,y,x} (R_s − R_t)²``
     - ``"frobenius"`` (released): ``L_pixel^l = ||R_s − R_t||_F`` over the whole batch tensor
 
     Args:
         student_relation: ``[B, C, H, W]`` adapted output of the student's graph unit.
         teacher_relation: ``[B, C, H, W]`` output of the teacher's graph unit.
-        distance: ``"squared"`` or ``"frobenius"``.
-        num_entries: ``B C H W`` to divide by (``"squared"``; default: the tensor's size).
+        distance: ``"relative"``, ``"squared"`` or ``"frobenius"``.
+        num_entries: the normaliser (``"relative"``: ``Σ R_t²``; ``"squared"``: ``B C H W``);
+            default: computed from the tensors.
     """
     _check_distance(distance)
     _check(student_relation, teacher_relation, "pixel relation outputs")
@@ -69,13 +80,14 @@ def pixel_relation_loss(student_relation: Tensor, teacher_relation: Tensor, dist
     if distance == "frobenius":
         return frobenius_distance(student_relation, teacher_relation)
     if num_entries is None:
-        num_entries = student_relation.numel()
-    return squared_error_sum(student_relation, teacher_relation) / num_entries
+        num_entries = teacher_energy(teacher_relation) if distance == "relative" else student_relation.numel()
+    return squared_error_sum(student_relation, teacher_relation) / torch.as_tensor(num_entries).clamp(min=1e-12)
 
 
 def per_image_distance(student: list[Tensor], teacher: list[Tensor], distance: str,
                        num_entries: Tensor | float | None, what: str) -> Tensor:
-    """``Σ_i Σ_e (s_ie − t_ie)² / M`` (``"squared"``, ``M`` = all entries) or ``Σ_i ||s_i − t_i||_F``."""
+    """``Σ_i Σ_e (s_ie − t_ie)² / M`` (``M``: ``Σ_i Σ_e t_ie²`` for ``"relative"``, the number of entries
+    for ``"squared"``) or ``Σ_i ||s_i − t_i||_F``."""
     _check_distance(distance)
     if len(student) != len(teacher):
         raise ValueError(f"DRKD {what}: {len(student)} student images but {len(teacher)} teacher images")
@@ -87,22 +99,23 @@ def per_image_distance(student: list[Tensor], teacher: list[Tensor], distance: s
     if distance == "frobenius":
         return sum(frobenius_distance(s, t) for s, t in zip(student, teacher) if s.numel())
     if num_entries is None:
-        num_entries = total_entries
-    return sum(squared_error_sum(s, t) for s, t in zip(student, teacher)) / num_entries
+        num_entries = teacher_energy(teacher) if distance == "relative" else total_entries
+    return sum(squared_error_sum(s, t) for s, t in zip(student, teacher)) / torch.as_tensor(num_entries).clamp(min=1e-12)
 
 
 def instance_relation_loss(student_relations: list[Tensor], teacher_relations: list[Tensor],
-                           distance: str = "squared", num_entries: Tensor | float | None = None) -> Tensor:
+                           distance: str = "relative", num_entries: Tensor | float | None = None) -> Tensor:
     """Instance-wise relation loss of one FPN level over the images that have relations.
 
+    - ``"relative"``: ``L_rel^l = Σ_i ||Z_s,i − Z_t,i||²_F / Σ_i ||Z_t,i||²_F``
     - ``"squared"``: ``L_rel^l = 1 / (Σ_i K_i C S²) Σ_i ||Z_s,i − Z_t,i||²_F``
     - ``"frobenius"`` (released): ``L_rel^l = Σ_i ||Z_s,i − Z_t,i||_F``
 
     Args:
         student_relations: per image ``[K_i, C, S, S]`` adapted student relation outputs.
         teacher_relations: per image ``[K_i, C, S, S]`` teacher relation outputs.
-        distance: ``"squared"`` or ``"frobenius"``.
-        num_entries: ``Σ_i K_i C S²`` to divide by (``"squared"``; default: the entries given).
+        distance: ``"relative"``, ``"squared"`` or ``"frobenius"``.
+        num_entries: the normaliser (default: computed from the tensors, see :func:`per_image_distance`).
 
     Returns:
         scalar; 0 with a gradient when no image has an instance.
@@ -111,17 +124,18 @@ def instance_relation_loss(student_relations: list[Tensor], teacher_relations: l
 
 
 def instance_feature_loss(student_features: list[Tensor], teacher_features: list[Tensor],
-                          distance: str = "squared", num_entries: Tensor | float | None = None) -> Tensor:
+                          distance: str = "relative", num_entries: Tensor | float | None = None) -> Tensor:
     """Instance feature imitation on one FPN level: the GT boxes' RoIAligned features themselves.
 
+    - ``"relative"``: ``L_feat^l = Σ_i ||P_s,i − P_t,i||²_F / Σ_i ||P_t,i||²_F``
     - ``"squared"``: ``L_feat^l = 1 / (Σ_i K_i C S²) Σ_i ||P_s,i − P_t,i||²_F``
     - ``"frobenius"`` (released ``kd_fore_loss``): ``L_feat^l = Σ_i ||P_s,i − P_t,i||_F``
 
     Args:
         student_features: per image ``[K_i, C, S, S]`` adapted student RoI features.
         teacher_features: per image ``[K_i, C, S, S]`` teacher RoI features.
-        distance: ``"squared"`` or ``"frobenius"``.
-        num_entries: ``Σ_i K_i C S²`` to divide by (``"squared"``; default: the entries given).
+        distance: ``"relative"``, ``"squared"`` or ``"frobenius"``.
+        num_entries: the normaliser (default: computed from the tensors, see :func:`per_image_distance`).
 
     Returns:
         scalar; 0 with a gradient when no image has an instance.
