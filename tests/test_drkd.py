@@ -7,6 +7,7 @@ RetinaNet and Faster R-CNN detectors test that DRKD runs on kdlab's outputs.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -347,15 +348,16 @@ def test_bfloat16_maps_under_autocast(variant):
 
 
 # ----------------------------------------------------------------------------- on kdlab's detectors
-def tiny_detector(family: str, fpn_channels: int, seed: int):
+def tiny_detector(family: str, fpn_channels: int, seed: int, num_classes: int = 3):
     """Options of configs/shapes_{retinanet,fasterrcnn}_r18.yaml, narrower."""
     from kdlab.models import build_detector
 
     torch.manual_seed(seed)
     options = dict(backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=fpn_channels)
     if family == "faster_rcnn":
-        return build_detector(family, 3, **options, anchor_scale=4.0, representation_size=64, box_batch_size_per_image=64)
-    return build_detector(family, 3, **options, head_convs=1, anchor_scale=2.0)
+        return build_detector(family, num_classes, **options, anchor_scale=4.0, representation_size=64,
+                              box_batch_size_per_image=64)
+    return build_detector(family, num_classes, **options, head_convs=1, anchor_scale=2.0)
 
 
 def detector_batch():
@@ -395,3 +397,52 @@ def test_drkd_on_kdlabs_detectors(family, strides, variant):
 def test_unsupported_pairing_raises():
     with pytest.raises(ValueError, match=r"strides are \[8, 16, 32, 64, 128\].*\[4, 8, 16, 32, 64\]"):
         DRKD(tiny_detector("retinanet", 16, 0), tiny_detector("faster_rcnn", 16, 1))
+
+
+# ----------------------------------------------------------------------------- through the engine
+def drkd_run_config(data_root, output_dir, teacher_path, **changes):
+    from kdlab.config import TrainConfig
+
+    cfg = TrainConfig(data_root=str(data_root), min_size=64, max_size=64, batch_size=4, num_workers=0,
+                      model="retinanet", backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=16,
+                      head_convs=1, anchor_scale=2.0, optimizer="adamw", lr=1e-3, base_batch_size=4, epochs=2,
+                      lr_steps=[1], warmup_iters=2, grad_clip=10.0, log_every=1, eval_every=0, output_dir=str(output_dir),
+                      distill="drkd", distill_options={"num_nodes": 4, "norm": "group"}, teacher_checkpoint=str(teacher_path))
+    return dataclasses.replace(cfg, **changes)
+
+
+@pytest.mark.slow
+def test_relation_modules_train_are_checkpointed_and_resume_exactly(tiny_shapes, tmp_path):
+    import warnings
+
+    from kdlab.engine import read_metrics, safe_load, train
+    from kdlab.engine.checkpoint import export_student
+
+    teacher_path = tmp_path / "teacher.pt"
+    teacher_cfg = drkd_run_config(tiny_shapes, tmp_path, teacher_path, distill=None, distill_options={},
+                                  teacher_checkpoint=None, fpn_channels=24)
+    export_student(teacher_path, teacher_cfg, 8, [f"c{i}" for i in range(8)], tiny_detector("retinanet", 24, 5, 8).eval())
+
+    def quiet(cfg, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="coco_metrics: no detections")
+            return train(cfg, progress=False, **kwargs)
+
+    quiet(drkd_run_config(tiny_shapes, tmp_path / "whole", teacher_path))
+    quiet(drkd_run_config(tiny_shapes, tmp_path / "parts", teacher_path, max_iters=5))
+    at_five = safe_load(tmp_path / "parts" / "last.pt")["task"]
+    quiet(drkd_run_config(tiny_shapes, tmp_path / "parts", teacher_path), resume=True)
+    whole, parts = safe_load(tmp_path / "whole" / "last.pt")["task"], safe_load(tmp_path / "parts" / "last.pt")["task"]
+    units = [k for k in whole if k.startswith("distillers.drkd.")]
+    for prefix in ("student_graph_units.", "teacher_graph_units.", "student_instance_relations.",
+                   "teacher_instance_relations.", "pixel_adapters."):
+        assert any(k.startswith("distillers.drkd." + prefix) for k in units), prefix
+    assert not any(k.startswith("teacher.") for k in whole)
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    records = [{k: v for k, v in r.items() if k != "sec_per_iter"} for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")]
+    resumed = [{k: v for k, v in r.items() if k != "sec_per_iter"} for r in read_metrics(tmp_path / "parts" / "metrics.jsonl")]
+    assert records == resumed and "loss_drkd_pixel" in records[0]
+    # both sides' units train: their weights moved between iteration 5 and the end
+    for side in ("student", "teacher"):
+        weights = [k for k in units if k.startswith(f"distillers.drkd.{side}_graph_units.") and k.endswith("weight")]
+        assert weights and any(not torch.equal(at_five[k], whole[k]) for k in weights), side
