@@ -51,10 +51,11 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
     sys.path.insert(0, str(REPO))
 
 import kdlab.distill.gid as gid_module  # noqa: E402
-from kdlab.distill.base import DetectionTask  # noqa: E402
+from kdlab.distill.base import DistillationTask  # noqa: E402
+from kdlab.models.base import DetectionTask  # noqa: E402
 from kdlab.distill.gid import GID  # noqa: E402
 from kdlab.models.base import weighted_total  # noqa: E402
-from kdlab.models.zoo_students import faster_rcnn, fcos, retinanet  # noqa: E402
+from kdlab.models.students import faster_rcnn, fcos, retinanet  # noqa: E402
 
 BUILDERS = {"retinanet": retinanet, "fcos": fcos, "faster_rcnn": faster_rcnn}
 NUM_CLASSES = 8
@@ -94,7 +95,7 @@ def timed(fn, device: torch.device) -> float:
 
 
 # the functions of kdlab.distill.gid that make up GID's terms, timed one by one (forward only)
-STAGES = {"GISM": "select_general_instances", "RoIAlign (both)": "pool_gi_features",
+STAGES = {"GISM": "select_general_instances", "RoIAlign (both)": "pool_fpn_boxes",
           "feature loss": "gi_feature_loss", "relation loss": "gi_relation_loss_groups",
           "response mask": "response_mask", "response losses": ("response_cls_loss", "response_reg_loss")}
 
@@ -143,7 +144,7 @@ def staged_forward(gid: GID, student_out, teacher_out, targets, device: torch.de
         return result
     gid.adapter.forward = timed_adapter
     try:
-        spent["all terms"] = timed(lambda: gid.distill_terms(student_out, teacher_out, targets), device)
+        spent["all terms"] = timed(lambda: gid(student_out, teacher_out, targets), device)
     finally:
         for name, original in originals.items():
             setattr(gid_module, name, original)
@@ -161,6 +162,7 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
     teacher = BUILDERS[family](NUM_CLASSES, **teacher_options, **({} if family == "faster_rcnn" else {"head_convs": 4})).to(device)
     task = DetectionTask(student).train()
     gid = GID(student, teacher, min_size=2.0 if scale == "quick" else 10.0).to(device).train()
+    gid_task = DistillationTask(student, teacher, gid).to(device).train()
     images, targets = make_batch(batch, size, device)
     sizes = [(size, size)] * batch
 
@@ -174,7 +176,7 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
         weighted_total(terms, task.weight_dict).backward()
 
     def gid_step():
-        weighted_total(gid(images, targets), gid.weight_dict).backward()
+        weighted_total(gid_task(images, targets), gid_task.weight_dict).backward()
 
     steps = {"student": student_step, "student+teacher": student_teacher_step, "gid": gid_step}
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -197,8 +199,8 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
     for repeat in range(warmup + repeats):
         torch.manual_seed(repeat)
         student_out = cut_from_graph(student(images, sizes, targets))
-        elapsed = timed(lambda: weighted_total(gid.distill_terms(student_out, teacher_out, targets),
-                                               gid.distill_weight_dict).backward(), device)
+        elapsed = timed(lambda: weighted_total(gid(student_out, teacher_out, targets),
+                                               gid.weight_dict).backward(), device)
         staged = staged_forward(gid, cut_from_graph(student_out), teacher_out, targets, device)
         gid.zero_grad(set_to_none=True)
         if repeat >= warmup:

@@ -30,7 +30,9 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
     sys.path.insert(0, str(REPO))
 
 from kdlab.config import load_config  # noqa: E402
-from kdlab.distill.base import DetectionTask, image_sizes_of  # noqa: E402
+from kdlab.data import image_sizes_of  # noqa: E402
+from kdlab.distill.base import DistillationTask  # noqa: E402
+from kdlab.models.base import DetectionTask  # noqa: E402
 from kdlab.distill.ld import LD  # noqa: E402
 from kdlab.engine.distributed import resolve_device  # noqa: E402
 from kdlab.models import build_detector, weighted_total  # noqa: E402
@@ -70,7 +72,8 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
     torch.manual_seed(0)
     student = build_detector(student_cfg.model, args.num_classes, **student_cfg.model_options()).to(device)
     teacher = build_detector(teacher_cfg.model, args.num_classes, **teacher_cfg.model_options()).to(device)
-    task, distiller = DetectionTask(student), LD(student, teacher, variant=args.variant)
+    ld = LD(student, teacher, variant=args.variant)
+    task, distiller = DetectionTask(student), DistillationTask(student, teacher, ld)
     optimizer = torch.optim.SGD(student.parameters(), lr=1e-4, momentum=0.9)  # tiny lr: the weights barely move
     images, targets = synthetic_batch(args.batch_size, args.image_size, args.num_classes, args.objects)
     images = images.to(device)
@@ -110,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict[str, float]:
         student_out.cls_logits = student_out.cls_logits.detach().requires_grad_(True)
         student_out.box_logits = student_out.box_logits.detach().requires_grad_(True)
         times["LD terms alone"].append(timed(
-            lambda: sum(distiller.distill_terms(student_out, teacher_out, targets).values()).backward(), device))
+            lambda: sum(ld(student_out, teacher_out, targets).values()).backward(), device))
     reduce = min if args.statistic == "min" else statistics.median
     result = {name: reduce(values) for name, values in times.items()}
     result["overhead"] = (result["distilled step"] - result["student step"] - result["teacher forward"]) / result["student step"]

@@ -24,7 +24,7 @@ import torch
 
 from kdlab.config import load_config
 from kdlab.data import build_dataset, collate_fn, make_shapes
-from kdlab.distill import DetectionTask
+from kdlab.models.base import DetectionTask
 from kdlab.models import build_detector, weighted_total
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,9 +22,9 @@ import time
 import torch
 import torchvision
 
+from kdlab.models import DETECTORS as KDLAB_DETECTORS
 from kdlab.models.base import weighted_total
-from kdlab.models.zoo import ZOO_BUILDERS
-from kdlab.models.zoo_common import torchvision_preprocess
+from kdlab.models.common import torchvision_preprocess
 
 DETECTORS = {  # short name -> torchvision's (and the zoo's) name
     "retinanet": "retinanet_resnet50_fpn",
@@ -71,7 +71,7 @@ def bench(name: str, images, targets, repeats: int, warmup: int) -> dict:
     torch.manual_seed(0)
     size = images[0].shape[-1]
     options = dict(min_size=size, max_size=size)
-    kd_model = ZOO_BUILDERS[DETECTORS[name]](num_classes=91, **options).train()
+    kd_model = KDLAB_DETECTORS[DETECTORS[name]](num_classes=91, **options).train()
     tv_model = torchvision.models.get_model(DETECTORS[name], weights=None, weights_backbone=None, num_classes=91,
                                             **options).train()
     tv_model.load_state_dict(kd_model.state_dict())

@@ -57,8 +57,9 @@ class TrainConfig:
     Distillation:
         teacher_config: YAML of the teacher's model fields (``None``: read them from the checkpoint).
         teacher_checkpoint: exported ``student.pt`` of the teacher.
-        distill: distiller name for ``kdlab.distill.build_distiller`` (``None``: plain training).
-        distill_options: keyword arguments of the distiller.
+        distill: a method of ``kdlab.distill.METHODS``, a combination ``"a+b"`` or a recipe of ``kdlab.distill.RECIPES`` (``None``: plain training).
+        distill_options: keyword arguments of the method (of each method, keyed by name, for a
+            combination or a recipe).
     Run:
         output_dir: where checkpoints, logs and evaluations go.
         seed, deterministic: seeding and deterministic kernels.

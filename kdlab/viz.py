@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 from torch import Tensor
@@ -85,9 +84,3 @@ def show_detections(
                    detections[i]["scores"][keep], class_names=class_names)
     fig.tight_layout()
     return fig
-
-
-@torch.no_grad()
-def first_batch(loader) -> tuple[Tensor, list[dict]]:
-    """The first ``(images, targets)`` batch of a loader (for figures)."""
-    return next(iter(loader))

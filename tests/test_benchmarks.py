@@ -30,7 +30,7 @@ def test_gid_terms_alone_stop_at_the_student_outputs():
     with torch.no_grad():
         teacher_out = teacher(images, sizes)
     student_out = bench.cut_from_graph(student(images, sizes, targets))
-    loss = weighted_total(gid.distill_terms(student_out, teacher_out, targets), gid.distill_weight_dict)
+    loss = weighted_total(gid(student_out, teacher_out, targets), gid.weight_dict)
     loss.backward()
     # the backward reached the cut maps and head outputs, the adapter, and nothing of the student
     assert all(f.grad is not None for f in student_out.features[:1])

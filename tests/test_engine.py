@@ -17,12 +17,12 @@ import kdlab.engine.build
 import kdlab.engine.loop
 from kdlab.config import TrainConfig
 from kdlab.data import build_dataset
-from kdlab.distill.base import DetectionTask, Distiller
+from kdlab.distill.base import DistillationTask, DistillCriterion
 from kdlab.engine import (CheckpointError, DistContext, ResumableBatchSampler, atomic_save, build_loader,
                           build_lr_scheduler, build_optimizer, detections_to_coco, evaluate, load_detector,
                           predict, read_metrics, safe_load, scaled_lr, train)
 from kdlab.engine.optim import WarmupStepFactor
-from kdlab.models.base import Criterion, Detector
+from kdlab.models.base import Criterion, DetectionTask, Detector
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
@@ -76,15 +76,20 @@ class TinyDetector(Detector):
         return TinyCriterion(self.nan_at_call)
 
 
-class TinyDistiller(Distiller):
-    distill_weight_dict = {"loss_mimic": 1.0}
+class TinyMimic(DistillCriterion):
+    name = "mimic"
 
     def __init__(self, student, teacher):
         super().__init__(student, teacher)
+        self.weight_dict = {"loss_mimic": 1.0}
         self.adapter = nn.Linear(4, 4)
 
-    def distill_terms(self, student_out, teacher_out, targets):
+    def forward(self, student_out, teacher_out, targets):
         return {"loss_mimic": (self.adapter(student_out["boxes"]) - teacher_out["boxes"]).pow(2).mean()}
+
+
+def tiny_distillation(student, teacher):
+    return DistillationTask(student, teacher, TinyMimic(student, teacher))
 
 
 # ---------------------------------------------------------------- sampler
@@ -173,7 +178,7 @@ def test_scheduler_steps_per_iteration():
 
 
 def test_optimizer_backbone_group_and_no_teacher():
-    distiller = TinyDistiller(TinyDetector(3), TinyDetector(3))
+    distiller = tiny_distillation(TinyDetector(3), TinyDetector(3))
     named = kdlab.engine.build.named_trainable_parameters(distiller)
     cfg = TrainConfig(optimizer="adamw", lr=1e-4, batch_size=16, backbone_lr_mult=0.1, momentum=0.8)
     optimizer = build_optimizer(named, cfg, world_size=1)
@@ -184,7 +189,7 @@ def test_optimizer_backbone_group_and_no_teacher():
     assert groups["default"]["betas"] == (0.8, 0.999)
     in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
     assert not in_optimizer & {id(p) for p in distiller.teacher.parameters()}
-    assert {id(p) for p in distiller.adapter.parameters()} <= in_optimizer
+    assert {id(p) for p in distiller.distillers["mimic"].adapter.parameters()} <= in_optimizer
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -8,7 +8,9 @@ import torch
 from kdlab.losses.gfl import distance_to_distribution, distribution_focal_loss, integral, quality_focal_loss
 from kdlab.models import build_detector
 from kdlab.models.atss import atss_assign
-from kdlab.models.box_ops import aligned_box_iou, bbox2distance, distance2bbox, diou
+from torchvision.ops import distance_box_iou
+
+from kdlab.models.box_ops import aligned_box_iou, bbox2distance, distance2bbox, points_in_boxes
 
 
 def test_integral_is_the_expectation():
@@ -74,7 +76,17 @@ def test_box_encoding_round_trip_and_ious():
     b = torch.tensor([[5.0, 0, 15, 10]])
     assert aligned_box_iou(a, b).item() == pytest.approx(50 / 150)
     # DIoU = IoU - d^2 / c^2: centres 5 apart, enclosing box 15 x 10 -> diagonal^2 = 325
-    assert diou(a, b).item() == pytest.approx(1 / 3 - 25 / 325)
+    assert distance_box_iou(a, b).item() == pytest.approx(1 / 3 - 25 / 325)  # the DIoU LD's VLR uses
+
+
+def test_points_in_boxes_is_strict_and_broadcasts():
+    points = torch.tensor([[5.0, 5.0], [10.0, 5.0], [12.0, 5.0], [1.0, 9.0]])
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [9.0, 4.0, 13.0, 6.0]])
+    inside = points_in_boxes(points, boxes)  # [N, K]
+    assert inside.tolist() == [[True, False], [False, True], [False, True], [True, False]]  # x = 10 is on the edge
+    batched = points_in_boxes(points[None], torch.stack([boxes, boxes.flip(0)]))  # [2, N, K]
+    assert torch.equal(batched[0], inside) and torch.equal(batched[1], inside.flip(1))
+    assert points_in_boxes(points, torch.zeros(0, 4)).shape == (4, 0)
 
 
 def test_atss_hand_built():
@@ -212,8 +224,8 @@ def test_build_detector_errors():
 
 
 def test_backbone_weights_missing_offline_names_file(monkeypatch, tmp_path):
-    import kdlab.models.zoo_weights as zoo_weights
-    from kdlab.models.zoo_weights import WeightsUnavailableError
+    import kdlab.models.weights as zoo_weights
+    from kdlab.models.weights import WeightsUnavailableError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
 
@@ -224,3 +236,43 @@ def test_backbone_weights_missing_offline_names_file(monkeypatch, tmp_path):
     with pytest.raises(WeightsUnavailableError, match="resnet18-f37072fd.pth") as info:
         build_detector("gfl", 3, backbone="resnet18", backbone_weights="IMAGENET1K_V1")
     assert str(tmp_path) in str(info.value)
+
+
+def _gfl_postprocess_by_hand(scores, boxes, num_per_level, image_sizes, score_thresh, pre_nms_topk, nms_thresh, keep_top):
+    """mmdet's GFL test pipeline written out: per level top-k slots by max score, pairs above the threshold, NMS."""
+    from torchvision.ops import batched_nms, clip_boxes_to_image
+
+    results = []
+    for b, (h, w) in enumerate(image_sizes):
+        kept_boxes, kept_scores, kept_labels, start = [], [], [], 0
+        for n_level in num_per_level:
+            level_scores, level_boxes = scores[b, start:start + n_level], boxes[b, start:start + n_level]
+            start += n_level
+            if n_level > pre_nms_topk:
+                top = level_scores.max(dim=1).values.topk(pre_nms_topk).indices
+                level_scores, level_boxes = level_scores[top], level_boxes[top]
+            slot, cls = (level_scores > score_thresh).nonzero(as_tuple=True)
+            kept_boxes.append(level_boxes[slot]); kept_scores.append(level_scores[slot, cls]); kept_labels.append(cls)
+        all_boxes = clip_boxes_to_image(torch.cat(kept_boxes), (h, w))
+        all_scores, labels = torch.cat(kept_scores), torch.cat(kept_labels)
+        keep = batched_nms(all_boxes, all_scores, labels, nms_thresh)[:keep_top]
+        results.append({"boxes": all_boxes[keep], "scores": all_scores[keep], "labels": labels[keep]})
+    return results
+
+
+def test_gfl_postprocess_is_mmdets_pipeline():
+    torch.manual_seed(0)
+    model = build_detector("gfl", 3, backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=16,
+                           head_convs=1, pre_nms_topk=20, score_thresh=0.02).eval()
+    with torch.no_grad():
+        model.head.gfl_cls.bias.fill_(-2.0)  # many scores above the threshold, so the per-level top-k matters
+        out = model(torch.randn(2, 3, 96, 96), [(96, 96), (80, 96)])
+    got = model.postprocess(out)
+    expected = _gfl_postprocess_by_hand(out.cls_logits.sigmoid(), out.pred_boxes, out.num_per_level, out.image_sizes,
+                                        0.02, 20, model.nms_thresh, model.detections_per_img)
+    above = (out.cls_logits.sigmoid()[:, : out.num_per_level[0]].max(dim=2).values > 0.02).sum(dim=1)
+    assert (above > 20).all()  # the per-level top-20 cut acts on P3
+    for g, e in zip(got, expected):
+        assert len(e["scores"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(g[key], e[key]), key

@@ -11,21 +11,13 @@ import math
 import pytest
 import torch
 from torch import nn
-from torchvision.ops import roi_align
+from torchvision.ops import box_iou, roi_align
 
-from kdlab.distill.gid import (
-    GID,
-    default_mask_rule,
-    general_instance_kinds,
-    level_strides,
-    pool_gi_features,
-    response_mask,
-    select_general_instances,
-)
+from kdlab.distill.base import DistillationTask
+from kdlab.distill.common import pool_fpn_boxes
+from kdlab.distill.gid import GID, general_instance_kinds, response_mask, select_general_instances
 from kdlab.distill.gism import GI_BACKGROUND, GI_POSITIVE, GI_SEMI, general_instance_scores, nms_first_k
 from kdlab.losses.gid import (
-    anchor_iou_mask,
-    center_in_box_mask,
     gi_feature_loss,
     gi_relation_loss,
     normalized_distances,
@@ -33,10 +25,21 @@ from kdlab.losses.gid import (
     response_reg_loss,
 )
 from kdlab.models.base import Criterion, Detector, weighted_total
+from kdlab.models.box_ops import points_in_boxes
 from kdlab.models.outputs import DenseOutput
 
 
 # ----------------------------------------------------------------------------- helpers
+def anchor_iou_mask(anchors, gi_boxes, iou_threshold=0.5):
+    """Reference response mask of one image: some GI overlaps the anchor with IoU >= threshold."""
+    return (box_iou(anchors, gi_boxes) >= iou_threshold).any(dim=1)
+
+
+def center_in_box_mask(points, gi_boxes):
+    """Reference response mask of one image: the location lies strictly inside some GI."""
+    return points_in_boxes(points, gi_boxes).any(dim=1)
+
+
 def dense_output(probs, pred_boxes, *, anchors=None, points=None, features=None, box_regression=None,
                  image_sizes=None, strides=(8,)) -> DenseOutput:
     """A hand-built ``DenseOutput`` with class probabilities ``probs`` ``[B, N, C]`` (stored as logits)."""
@@ -193,7 +196,7 @@ def test_gism_rejects_mismatched_outputs():
     short = dense_output([[[0.5]] * 5], [[BOX_A] * 5])
     with pytest.raises(ValueError, match="slot by slot"):
         select_general_instances(teacher, short)
-    with pytest.raises(TypeError, match="DenseOutput"):
+    with pytest.raises(TypeError, match="DetectorOutput"):
         select_general_instances(object(), object())
 
 
@@ -289,12 +292,8 @@ def test_each_detector_gets_its_own_mask_rule():
     retina_like = dense_output([[[0.5]]], [[BOX_A]], anchors=torch.tensor([BOX_A]))
     fcos_like = dense_output([[[0.5]]], [[BOX_A]])  # anchors None
 
-    class RPNOutput:
-        rpn_objectness = torch.zeros(1, 1)
-
-    assert default_mask_rule(retina_like) == ("anchor_iou", 0.5)
-    assert default_mask_rule(fcos_like) == ("center", 0.0)
-    assert default_mask_rule(RPNOutput()) == ("anchor_iou", 0.7)
+    assert retina_like.response_rule == ("anchor_iou", 0.5)
+    assert fcos_like.response_rule == ("center", 0.0)  # the RPN's ("anchor_iou", 0.7): test_gid_on_the_zoo_detectors
     points = torch.tensor([[25.0, 25.0], [80.0, 80.0]])
     anchors = torch.tensor([[11.0, 11.0, 41.0, 41.0], [20.0, 20.0, 30.0, 30.0]])
     mask = response_mask(anchors, points, [torch.tensor([BOX_A]), torch.zeros(0, 4)], "anchor_iou", 0.5)
@@ -306,29 +305,29 @@ def test_each_detector_gets_its_own_mask_rule():
 
 
 # ----------------------------------------------------------------------------- RoIAlign on the FPN level
-def test_pool_gi_features_uses_the_fpn_level_rule():
+def test_pool_fpn_boxes_uses_the_fpn_level_rule():
     strides = [8, 16, 32, 64, 128]
     size = 2048
     features = [torch.full((1, 1, size // s, size // s), float(level + 1)) for level, s in enumerate(strides)]
     # k = floor(4 + log2(sqrt(wh) / 224)), clamped to [3, 7]: side 50 -> 3, 223.9 -> 3, 224 -> 4, 448 -> 5, 1000 -> 6, 1800 -> 7
     sides = [50.0, 223.9, 224.0, 448.0, 1000.0, 1800.0]
     boxes = torch.tensor([[10.0, 10.0, 10.0 + s, 10.0 + s] for s in sides])
-    pooled = pool_gi_features(features, strides, [boxes], output_size=10, sampling_ratio=2)
+    pooled = pool_fpn_boxes(features, strides, [boxes], output_size=10, sampling_ratio=2)
     assert pooled.shape == (6, 1, 10, 10)
     assert pooled.mean(dim=(1, 2, 3)).tolist() == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0]
 
 
-def test_pool_gi_features_equals_aligned_roi_align_and_keeps_image_order():
+def test_pool_fpn_boxes_equals_aligned_roi_align_and_keeps_image_order():
     torch.manual_seed(0)
     features = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 8, 8)]
     boxes = [torch.tensor([[3.0, 4.0, 40.0, 50.0]]), torch.tensor([[10.0, 10.0, 100.0, 120.0], [0.0, 0.0, 30.0, 20.0]])]
-    pooled = pool_gi_features(features, [8, 16], boxes, output_size=10, sampling_ratio=2)
+    pooled = pool_fpn_boxes(features, [8, 16], boxes, output_size=10, sampling_ratio=2)
     # every box here maps to the finest level (sides < 224)
     rois = torch.tensor([[0, 3.0, 4.0, 40.0, 50.0], [1, 10.0, 10.0, 100.0, 120.0], [1, 0.0, 0.0, 30.0, 20.0]])
     torch.testing.assert_close(pooled, roi_align(features[0], rois, 10, 1 / 8, 2, aligned=True))
-    assert pool_gi_features(features, [8, 16], [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, 3, 10, 10)
+    assert pool_fpn_boxes(features, [8, 16], [torch.zeros(0, 4), torch.zeros(0, 4)]).shape == (0, 3, 10, 10)
     with pytest.raises(ValueError, match="powers of two"):
-        pool_gi_features(features, [8, 24], boxes)
+        pool_fpn_boxes(features, [8, 24], boxes)
 
 
 # ----------------------------------------------------------------------------- the distiller on hand-built outputs
@@ -339,8 +338,8 @@ def test_gid_response_terms_on_a_hand_built_output():
     teacher = dense_output([[[0.9], [0.5], [0.5]]], [[BOX_A, BOX_A, BOX_C]], anchors=anchors, box_regression=teacher_boxes)
     student = dense_output([[[0.1], [0.5], [0.5]]], [[BOX_E, BOX_E, BOX_C]], anchors=anchors)
     gid = fake_gid(feature_weight=0, relation_weight=0, num_instances=1)
-    terms = gid.distill_terms(student, teacher, [])
-    assert set(terms) == {"loss_gid_cls", "loss_gid_reg"} == set(gid.distill_weight_dict)
+    terms = gid(student, teacher, [])
+    assert set(terms) == {"loss_gid_cls", "loss_gid_reg"} == set(gid.weight_dict)
     torch.testing.assert_close(gid.last_instances.boxes[0], torch.tensor([BOX_A]))
     # masked slots 0 and 1: BCE(logit 0.1, 0.9) + BCE(0.5, 0.5) over 2; L1 |1| + |2| over 2
     bce = lambda p, q: -(q * math.log(p) + (1 - q) * math.log(1 - p))  # noqa: E731
@@ -350,7 +349,7 @@ def test_gid_response_terms_on_a_hand_built_output():
     points = torch.tensor([[25.0, 25.0], [45.0, 25.0], [70.0, 70.0]])
     teacher.anchors = student.anchors = None
     teacher.points = student.points = points
-    terms = gid.distill_terms(student, teacher, [])
+    terms = gid(student, teacher, [])
     torch.testing.assert_close(terms["loss_gid_reg"], torch.tensor(1.0))  # slot 0 only
 
 
@@ -363,10 +362,10 @@ def test_gid_feature_and_relation_terms_follow_the_pipeline():
     student = dense_output([[[s[1]] for s in GISM_SLOTS]], [[s[3] for s in GISM_SLOTS]], features=student_feats)
     for variant in ("paper", "official"):
         gid = fake_gid(response_cls_weight=0, response_reg_weight=0, variant=variant)
-        terms = gid.distill_terms(student, teacher, [])
+        terms = gid(student, teacher, [])
         boxes = gid.last_instances.boxes
-        pooled_t = pool_gi_features(teacher_feats, [8], boxes)
-        pooled_s = pool_gi_features(student_feats, [8], boxes)
+        pooled_t = pool_fpn_boxes(teacher_feats, [8], boxes)
+        pooled_s = pool_fpn_boxes(student_feats, [8], boxes)
         torch.testing.assert_close(terms["loss_gid_feature"], gi_feature_loss(pooled_t, pooled_s))
         torch.testing.assert_close(terms["loss_gid_relation"], gi_relation_loss(pooled_t, pooled_s))
     assert isinstance(gid.adapter, nn.Identity)
@@ -428,9 +427,10 @@ def tiny_batch():
 def test_no_gradient_reaches_the_teacher_and_the_adapter_trains():
     student, teacher = tiny_gfl(8, 0), tiny_gfl(16, 1)
     gid = GID(student, teacher, min_size=2.0)
+    task = DistillationTask(student, teacher, gid)
     assert isinstance(gid.adapter, nn.Conv2d) and gid.adapter.in_channels == 8 and gid.adapter.out_channels == 16
     images, targets = tiny_batch()
-    terms = gid(images, targets)
+    terms = task(images, targets)
     assert {"loss_gid_feature", "loss_gid_relation", "loss_gid_cls", "loss_gid_reg"} <= set(terms)
     assert all(torch.isfinite(v) for v in terms.values())
     assert gid.last_instances.counts == [10, 10]
@@ -439,37 +439,39 @@ def test_no_gradient_reaches_the_teacher_and_the_adapter_trains():
     for name in ("loss_gid_feature", "loss_gid_relation", "loss_gid_cls", "loss_gid_reg"):
         grads = torch.autograd.grad(terms[name], student_params, retain_graph=True, allow_unused=True)
         assert sum(g.abs().sum() for g in grads if g is not None) > 0, name
-    weighted_total(terms, gid.weight_dict).backward()
-    assert all(p.grad is None and not p.requires_grad for p in gid.teacher.parameters())
+    weighted_total(terms, task.weight_dict).backward()
+    assert all(p.grad is None and not p.requires_grad for p in task.teacher.parameters())
     assert gid.adapter.weight.grad is not None and gid.adapter.weight.grad.abs().sum() > 0
-    trainable = {id(p) for p in gid.trainable_parameters()}
+    trainable = {id(p) for p in task.trainable_parameters()}
     assert id(gid.adapter.weight) in trainable
-    assert not trainable & {id(p) for p in gid.teacher.parameters()}
-    assert not any(k.startswith("teacher.") for k in gid.trainable_state_dict())
-    assert not gid.teacher.training
+    assert not trainable & {id(p) for p in task.teacher.parameters()}
+    assert not any(k.startswith("teacher.") for k in task.trainable_state_dict())
+    assert not task.teacher.training
 
 
 def test_fewer_than_three_gis_and_no_gi_at_all():
     student, teacher = tiny_gfl(8, 0), tiny_gfl(8, 1)
     images, targets = tiny_batch()
     gid = GID(student, teacher, num_instances=2, min_size=2.0)
-    terms = gid(images, targets)
+    task = DistillationTask(student, teacher, gid)
+    terms = task(images, targets)
     assert gid.last_instances.counts == [2, 2]
     assert terms["loss_gid_relation"] == 0 and terms["loss_gid_feature"] > 0
-    weighted_total(terms, gid.weight_dict).backward()
+    weighted_total(terms, task.weight_dict).backward()
     # no GI survives a 1000 px minimum side: every GID term is an exact, finite zero
     gid = GID(student, teacher, min_size=1000.0)
-    terms = gid(images, targets)
+    task = DistillationTask(student, teacher, gid)
+    terms = task(images, targets)
     assert gid.last_instances.counts == [0, 0]
     for name in ("loss_gid_feature", "loss_gid_relation", "loss_gid_cls", "loss_gid_reg"):
         assert terms[name] == 0, name
-    weighted_total(terms, gid.weight_dict).backward()
+    weighted_total(terms, task.weight_dict).backward()
 
 
-def test_level_strides_of_a_dense_output():
+def test_feature_strides_of_a_dense_output():
     student = tiny_gfl(8, 0)
     output = student(torch.zeros(1, 3, 64, 64), [(64, 64)])
-    assert level_strides(output) == [8, 16, 32, 64, 128]
+    assert output.feature_strides == [8, 16, 32, 64, 128]
 
 
 def tiny_zoo_detector(family: str, fpn_channels: int, seed: int):
@@ -486,10 +488,11 @@ def tiny_zoo_detector(family: str, fpn_channels: int, seed: int):
 def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
     student, teacher = tiny_zoo_detector(family, 32, 0), tiny_zoo_detector(family, 64, 1)
     gid = GID(student, teacher, min_size=2.0)
+    task = DistillationTask(student, teacher, gid)
     assert gid.adapter.in_channels == 32 and gid.adapter.out_channels == 64
     images, targets = tiny_batch()
-    terms = gid(images, targets)
-    assert all(torch.isfinite(terms[k]) for k in gid.distill_weight_dict)
+    terms = task(images, targets)
+    assert all(torch.isfinite(terms[k]) for k in gid.weight_dict)
     gis = gid.last_instances.boxes
     assert all(0 < len(b) <= 10 for b in gis)
     output = student(images, [(96, 96), (90, 96)])
@@ -499,10 +502,11 @@ def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
         expected = torch.stack([center_in_box_mask(output.points, b) for b in gis])
     else:  # the RPN's anchors with IoU >= 0.7 (its own positive threshold)
         expected = torch.stack([anchor_iou_mask(output.anchors, b, 0.7) for b in gis])
-        assert level_strides(output) == [4, 8, 16, 32, 64]
+        assert output.feature_strides == [4, 8, 16, 32, 64]
+        assert output.dense_slots().response_rule == ("anchor_iou", 0.7)
     assert torch.equal(gid.last_response_mask, expected)
-    weighted_total(terms, gid.weight_dict).backward()
-    assert all(p.grad is None for p in gid.teacher.parameters())
+    weighted_total(terms, task.weight_dict).backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
     assert gid.adapter.weight.grad is not None
 
 
@@ -511,8 +515,8 @@ def test_pooling_and_feature_loss_with_bfloat16_maps():
     torch.manual_seed(0)
     features = [torch.randn(1, 4, 32, 32)]
     boxes = [torch.tensor([[100.5, 60.25, 180.75, 140.0]])]
-    exact = pool_gi_features(features, [8], boxes)
-    half = pool_gi_features([features[0].bfloat16()], [8], boxes)
+    exact = pool_fpn_boxes(features, [8], boxes)
+    half = pool_fpn_boxes([features[0].bfloat16()], [8], boxes)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, exact, atol=0.05, rtol=0.02)
     assert gi_feature_loss(half.bfloat16(), exact).dtype == torch.float32
@@ -527,11 +531,12 @@ def test_gid_with_torchvisions_coco_retinanet_architecture_as_teacher():
     teacher = build_detector("retinanet_resnet50_fpn", 91)
     student = build_detector("retinanet", 91, backbone="resnet18", backbone_width=8, fpn_channels=32, head_convs=1)
     gid = GID(student, teacher, min_size=2.0)
+    task = DistillationTask(student, teacher, gid)
     assert gid.adapter.in_channels == 32 and gid.adapter.out_channels == 256
     images, targets = tiny_batch()
-    terms = gid(images, targets)
-    weighted_total(terms, gid.weight_dict).backward()
-    assert all(torch.isfinite(terms[k]) for k in gid.distill_weight_dict)
+    terms = task(images, targets)
+    weighted_total(terms, task.weight_dict).backward()
+    assert all(torch.isfinite(terms[k]) for k in gid.weight_dict)
     assert all(p.grad is None for p in teacher.parameters())
 
 

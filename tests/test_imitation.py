@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from kdlab.distill import build_distiller
+from kdlab.distill import DistillationTask, build_distillation
 from kdlab.distill.imitation import (
     ClassificationKD,
     FineGrainedImitation,
@@ -15,11 +15,11 @@ from kdlab.distill.imitation import (
     InsideGTImitation,
     fine_grained_mask,
     general_instance_slots,
-    inside_gt_mask,
     masked_feature_mse,
-    slot_mask_to_locations,
 )
+from kdlab.distill.common import slot_mask_to_locations
 from kdlab.losses.ld import ld_kl_div
+from kdlab.models.box_ops import points_in_boxes
 from kdlab.models import build_detector
 from kdlab.models.outputs import DenseAssignment, DenseOutput
 
@@ -57,7 +57,7 @@ def test_masked_feature_mse_by_hand():
 def test_region_masks_by_hand():
     gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     points = torch.tensor([[5.0, 5.0], [10.0, 5.0], [12.0, 3.0], [0.5, 9.5]])
-    assert inside_gt_mask(points, gt).tolist() == [True, False, False, True]  # strictly inside
+    assert points_in_boxes(points, gt).any(dim=1).tolist() == [True, False, False, True]  # strictly inside
     anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [2.0, 0.0, 12.0, 10.0], [5.0, 0.0, 15.0, 10.0], [-4.0, 0.0, 6.0, 10.0]])
     # IoUs 1, 2/3, 1/3, 3/7 with the GT; psi = 0.5 of the best (1) keeps IoU > 0.5
     assert fine_grained_mask(anchors, gt, psi=0.5).tolist() == [True, True, False, False]
@@ -95,13 +95,13 @@ def test_slot_mask_to_locations_with_two_anchors_per_location():
 @pytest.mark.parametrize("name", ["fitnet", "inside_gt", "fine_grained", "gi_imitation", "cls_kd"])
 def test_baselines_zero_when_teacher_equals_student(name):
     student = _tiny_gfl(0)
-    distiller = build_distiller(name, student, copy.deepcopy(student))
+    distiller = build_distillation(name, student, copy.deepcopy(student))
     terms = distiller(*_batch())
     key = "loss_cls_kd" if name == "cls_kd" else "loss_imitation"
-    assert set(distiller.distill_weight_dict) == {key}
+    assert set(distiller.distillers[name].weight_dict) == {key}
     assert terms[key].abs().item() < 1e-6
     # and positive against a different teacher (the region is not empty)
-    other = build_distiller(name, _tiny_gfl(0), _tiny_gfl(1))
+    other = build_distillation(name, _tiny_gfl(0), _tiny_gfl(1))
     assert other(*_batch())[key].item() > 1e-6
 
 
@@ -130,14 +130,15 @@ def test_imitation_regions_on_a_real_output():
 
 def test_adapter_when_widths_differ_and_only_student_parts_train():
     student, teacher = _tiny_gfl(0, fpn_channels=16), _tiny_gfl(1, fpn_channels=24)
-    distiller = FitNet(student, teacher)
-    assert isinstance(distiller.adapter, torch.nn.Conv2d) and distiller.adapter.weight.shape == (24, 16, 1, 1)
+    fitnet = FitNet(student, teacher)
+    distiller = DistillationTask(student, teacher, fitnet)
+    assert isinstance(fitnet.adapter, torch.nn.Conv2d) and fitnet.adapter.weight.shape == (24, 16, 1, 1)
     trainable = {id(p) for p in distiller.trainable_parameters()}
-    assert id(distiller.adapter.weight) in trainable and not trainable & {id(p) for p in teacher.parameters()}
-    assert any(k.startswith("adapter.") for k in distiller.trainable_state_dict())
+    assert id(fitnet.adapter.weight) in trainable and not trainable & {id(p) for p in teacher.parameters()}
+    assert any(k.startswith("distillers.fitnet.adapter.") for k in distiller.trainable_state_dict())
     terms = distiller(*_batch())
     terms["loss_imitation"].backward()
-    assert distiller.adapter.weight.grad.abs().sum() > 0 and student.backbone.fpn.layer_blocks[0][0].weight.grad is not None
+    assert fitnet.adapter.weight.grad.abs().sum() > 0 and student.backbone.fpn.layer_blocks[0][0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
     same = FitNet(student, _tiny_gfl(1, fpn_channels=16))
     assert isinstance(same.adapter, torch.nn.Identity)
@@ -165,14 +166,14 @@ def test_classification_kd_by_hand_and_errors():
 
     s_logits, t_logits = torch.randn(1, n, 3), torch.randn(1, n, 3)
     per_slot = ld_kl_div(s_logits[0], t_logits[0], 2.0)
-    terms = kd.distill_terms(output(s_logits), output(t_logits), [])
+    terms = kd(output(s_logits), output(t_logits), [])
     assert terms["loss_cls_kd"].item() == pytest.approx(per_slot[[0, 2]].mean().item(), rel=1e-5)
-    every = ClassificationKD(student, teacher, region="all").distill_terms(output(s_logits), output(t_logits), [])
+    every = ClassificationKD(student, teacher, region="all")(output(s_logits), output(t_logits), [])
     assert every["loss_cls_kd"].item() == pytest.approx(per_slot.mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="number of classes"):
         ClassificationKD(student, _tiny_gfl(1, num_classes=5))
     with pytest.raises(ValueError, match="number of classes"):
-        kd.distill_terms(output(s_logits), output(torch.randn(1, n, 5)), [])
+        kd(output(s_logits), output(torch.randn(1, n, 5)), [])
     with pytest.raises(ValueError, match="region"):
         ClassificationKD(student, teacher, region="negatives")
 

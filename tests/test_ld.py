@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kdlab.distill import build_distiller
+from kdlab.distill import DistillationTask, build_distillation
 from kdlab.distill.ld import LD, OFFICIAL_MAIN_LD_DIVISOR, OFFICIAL_VLR_LD_DIVISOR
 from kdlab.distill.vlr import anchor_free_vlr, candidate_iou_threshold, valuable_localization_region, vlr_weights
 from kdlab.losses.ld import edge_ld, ld_kl_div
@@ -177,6 +177,11 @@ def models():
     return _tiny_gfl(0), _tiny_gfl(1)
 
 
+def distil(student, teacher, **options):
+    """LD as the engine trains it: the student's detection loss plus LD's terms."""
+    return DistillationTask(student, teacher, LD(student, teacher, **options))
+
+
 def _all_terms(student, teacher, **options):
     return LD(student, teacher, vlr_kd_weight=1.0, **options)
 
@@ -184,7 +189,7 @@ def _all_terms(student, teacher, **options):
 def test_ld_terms_by_hand_default_normalisation(models):
     distiller = _all_terms(*models, vlr_weighting="iou")
     s_out, t_out = _toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))
-    terms = distiller.distill_terms(s_out, t_out, [])
+    terms = distiller(s_out, t_out, [])
     s_box, t_box = s_out.box_logits[0], t_out.box_logits[0]
     ld = ld_kl_div(s_box.reshape(6, 4, 5), t_box.reshape(6, 4, 5), 10.0).mean(dim=1)  # [6] per location
     score = s_out.cls_logits[0].sigmoid().max(dim=1).values
@@ -199,9 +204,9 @@ def test_ld_terms_by_hand_default_normalisation(models):
     assert terms["loss_kd"].item() == pytest.approx(kd[[0, 1]].mean().item(), rel=1e-5)
     assert terms["loss_kd_vlr"].item() == pytest.approx(((kd[[1, 2, 4]] * w).sum() / w.sum()).item(), rel=1e-5)
     # mask weighting: a plain mean over the region; excluding positives drops a1
-    masked = LD(*models, vlr_weighting="mask").distill_terms(s_out, t_out, [])
+    masked = LD(*models, vlr_weighting="mask")(s_out, t_out, [])
     assert masked["loss_ld_vlr"].item() == pytest.approx(ld[[1, 2, 4]].mean().item(), rel=1e-5)
-    no_pos = LD(*models, vlr_weighting="mask", vlr_exclude_positives=True).distill_terms(s_out, t_out, [])
+    no_pos = LD(*models, vlr_weighting="mask", vlr_exclude_positives=True)(s_out, t_out, [])
     assert no_pos["loss_ld_vlr"].item() == pytest.approx(ld[[2, 4]].mean().item(), rel=1e-5)
 
 
@@ -209,7 +214,7 @@ def test_official_normalisation_by_hand(models):
     distiller = _all_terms(*models, variant="official")
     assert distiller.vlr_weighting == "iou"  # the released code's weighting comes with the variant
     s_out, t_out = _toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))
-    terms = distiller.distill_terms(s_out, t_out, [])
+    terms = distiller(s_out, t_out, [])
     per_edge = ld_kl_div(s_out.box_logits[0].reshape(6, 4, 5), t_out.box_logits[0].reshape(6, 4, 5), 10.0)  # [6, 4]
     score = s_out.cls_logits[0].sigmoid().max(dim=1).values
     expected_main = (per_edge[[0, 1]].sum(dim=1) * score[[0, 1]]).sum() / OFFICIAL_MAIN_LD_DIVISOR
@@ -225,9 +230,9 @@ def test_official_kd_is_a_per_level_mean_summed_over_levels(models):
     s_out = _toy_output(1, seed=0, pos=(0, 4, 5), num_per_level=(3, 3))
     t_out = _toy_output(1, seed=1, pos=(0, 4, 5), num_per_level=(3, 3))
     kd = ld_kl_div(s_out.cls_logits[0], t_out.cls_logits[0], 2.0)
-    official = LD(*models, variant="official").distill_terms(s_out, t_out, [])
+    official = LD(*models, variant="official")(s_out, t_out, [])
     assert official["loss_kd"].item() == pytest.approx((kd[0] + (kd[4] + kd[5]) / 2).item(), rel=1e-5)
-    default = LD(*models).distill_terms(s_out, t_out, [])
+    default = LD(*models)(s_out, t_out, [])
     assert default["loss_kd"].item() == pytest.approx(kd[[0, 4, 5]].mean().item(), rel=1e-5)
 
 
@@ -235,10 +240,10 @@ def test_official_grows_with_images_per_batch_default_does_not(models):
     for batch in (2, 4):
         single = [_toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))]
         repeated = [_toy_output(batch, seed=0, pos=(0, 1)), _toy_output(batch, seed=1, pos=(0, 1))]
-        default_1 = LD(*models).distill_terms(*single, [])
-        default_b = LD(*models).distill_terms(*repeated, [])
-        official_1 = LD(*models, variant="official").distill_terms(*single, [])
-        official_b = LD(*models, variant="official").distill_terms(*repeated, [])
+        default_1 = LD(*models)(*single, [])
+        default_b = LD(*models)(*repeated, [])
+        official_1 = LD(*models, variant="official")(*single, [])
+        official_b = LD(*models, variant="official")(*repeated, [])
         for name in ("loss_ld", "loss_ld_vlr", "loss_kd"):
             assert default_b[name].item() == pytest.approx(default_1[name].item(), rel=1e-5)
         for name in ("loss_ld", "loss_ld_vlr"):  # constant divisors: the sum over images grows
@@ -253,11 +258,11 @@ def test_official_images_per_gpu_reproduces_a_k_image_gpu(models):
     single = [_toy_output(1, seed=0, pos=(0, 1)), _toy_output(1, seed=1, pos=(0, 1))]
     four = [_toy_output(4, seed=0, pos=(0, 1)), _toy_output(4, seed=1, pos=(0, 1))]
     two = [_toy_output(2, seed=0, pos=(0, 1)), _toy_output(2, seed=1, pos=(0, 1))]
-    official_1 = LD(*models, variant="official").distill_terms(*single, [])
-    official_2 = LD(*models, variant="official").distill_terms(*two, [])
-    official_4 = LD(*models, variant="official").distill_terms(*four, [])
-    chunked = LD(*models, variant="official", images_per_gpu=2).distill_terms(*four, [])
-    as_released = LD(*models, variant="official", images_per_gpu=4).distill_terms(*four, [])
+    official_1 = LD(*models, variant="official")(*single, [])
+    official_2 = LD(*models, variant="official")(*two, [])
+    official_4 = LD(*models, variant="official")(*four, [])
+    chunked = LD(*models, variant="official", images_per_gpu=2)(*four, [])
+    as_released = LD(*models, variant="official", images_per_gpu=4)(*four, [])
     for name in ("loss_ld", "loss_ld_vlr"):
         assert official_1[name].item() > 0
         assert chunked[name].item() == pytest.approx(official_2[name].item(), rel=1e-5)
@@ -273,11 +278,11 @@ def test_official_images_per_gpu_reproduces_a_k_image_gpu(models):
 
 def test_weights_switch_terms_and_published_defaults(models):
     default = LD(*models)
-    assert default.distill_weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
+    assert default.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
     assert default.temperatures == {"loss_ld": 10.0, "loss_ld_vlr": 10.0, "loss_kd": 2.0, "loss_kd_vlr": 2.0}
     assert default.vlr_alpha == 0.25 and default.vlr_weighting == "mask" and default.variant == "kdlab"
     main_only = LD(*models, vlr_ld_weight=0, main_kd_weight=0)
-    terms = main_only.distill_terms(_toy_output(1, seed=0), _toy_output(1, seed=1), [])
+    terms = main_only(_toy_output(1, seed=0), _toy_output(1, seed=1), [])
     assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 0.25
     for bad in ({"variant": "paper"}, {"vlr_weighting": "soft"}, {"main_ld_weight": -1.0}, {"vlr_ld_temperature": 0.0}):
         with pytest.raises(ValueError):
@@ -286,17 +291,17 @@ def test_weights_switch_terms_and_published_defaults(models):
 
 def test_ld_anchor_free_branch_and_computed_thresholds(models):
     s_out, t_out = _toy_output(1, seed=0, pos=(0,)), _toy_output(1, seed=1, pos=(0,))
-    reference = LD(*models).distill_terms(s_out, t_out, [])["loss_ld_vlr"]
+    reference = LD(*models)(s_out, t_out, [])["loss_ld_vlr"]
     # a head without ATSS thresholds: LD computes them (topk 3 reproduces the hand layout's candidates)
     s_out.assignment.iou_thr = None
-    assert LD(*models, atss_topk=3).distill_terms(s_out, t_out, [])["loss_ld_vlr"].item() == pytest.approx(reference.item())
+    assert LD(*models, atss_topk=3)(s_out, t_out, [])["loss_ld_vlr"].item() == pytest.approx(reference.item())
     # FCOS-style output: no anchors -> negatives inside the GT, weighted by the student's max score
     s_out.anchors = t_out.anchors = None
     weights = vlr_weights(s_out)
     expected = anchor_free_vlr(s_out.points, GT, s_out.assignment.pos_mask[0], s_out.cls_logits[0])
     assert torch.equal(weights[0], expected) and weights[0, 0] == 0 and (weights[0] > 0).sum() == 2  # a1, a4 centres inside
     ld = edge_ld(s_out.box_logits[0], t_out.box_logits[0], 4, 10.0)
-    got = LD(*models).distill_terms(s_out, t_out, [])["loss_ld_vlr"]
+    got = LD(*models)(s_out, t_out, [])["loss_ld_vlr"]
     w = expected[expected > 0]
     assert got.item() == pytest.approx(((ld[expected > 0] * w).sum() / w.sum().clamp(min=1)).item(), rel=1e-5)
 
@@ -319,21 +324,21 @@ def test_mismatch_errors(models):
     distiller = LD(student, teacher)
     s_out = _toy_output(1, seed=0)
     with pytest.raises(ValueError, match="reg_max"):
-        distiller.distill_terms(s_out, _toy_output(1, reg_max=8), [])
+        distiller(s_out, _toy_output(1, reg_max=8), [])
     with pytest.raises(ValueError, match="slot layout"):
-        distiller.distill_terms(s_out, _toy_output(1, num_per_level=(3, 3)), [])
+        distiller(s_out, _toy_output(1, num_per_level=(3, 3)), [])
     shifted = _toy_output(1)
     shifted.points = shifted.points + 1.0
     with pytest.raises(ValueError, match="slot layout"):
-        distiller.distill_terms(s_out, shifted, [])
+        distiller(s_out, shifted, [])
     no_dist = _toy_output(1)
     no_dist.box_logits = None
-    with pytest.raises(ValueError, match="distribution box head"):
-        distiller.distill_terms(s_out, no_dist, [])
+    with pytest.raises(ValueError, match="edge-distribution box logits"):
+        distiller(s_out, no_dist, [])
     no_assignment = _toy_output(1)
     no_assignment.assignment = None
     with pytest.raises(ValueError, match="assignment"):
-        distiller.distill_terms(no_assignment, _toy_output(1), [])
+        distiller(no_assignment, _toy_output(1), [])
 
 
 # ---------------------------------------------------------------- end to end on a tiny GFL
@@ -351,25 +356,25 @@ def _batch():
 
 def test_self_ld_zero_when_student_equals_teacher():
     student = _tiny_gfl(0)
-    distiller = build_distiller("ld", student, copy.deepcopy(student), vlr_kd_weight=1.0)
-    assert isinstance(distiller, LD)
+    distiller = build_distillation("ld", student, copy.deepcopy(student), {"vlr_kd_weight": 1.0})
+    assert isinstance(distiller.distillers["ld"], LD)
     terms = distiller(*_batch())
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"):
         assert terms[name].abs().item() < 1e-6, name
-    official = LD(student, copy.deepcopy(student), variant="official")(*_batch())
+    official = distil(student, copy.deepcopy(student), variant="official")(*_batch())
     assert all(official[k].abs().item() < 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd"))
     # the regions are not empty: a perturbed copy of the student (self-LD's teacher) gives positive terms
     teacher = copy.deepcopy(student)
     with torch.no_grad():
         teacher.head.gfl_reg.weight.add_(0.05 * torch.randn_like(teacher.head.gfl_reg.weight))
         teacher.head.gfl_cls.weight.add_(0.05 * torch.randn_like(teacher.head.gfl_cls.weight))
-    perturbed = LD(student, teacher, vlr_kd_weight=1.0)(*_batch())
+    perturbed = distil(student, teacher, vlr_kd_weight=1.0)(*_batch())
     assert all(perturbed[k].item() > 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
 
 
 def test_no_gradient_reaches_the_teacher():
     student, teacher = _tiny_gfl(0), _tiny_gfl(1)
-    distiller = LD(student, teacher)
+    distiller = distil(student, teacher)
     distiller.train()
     assert not teacher.training and student.training
     terms = distiller(*_batch())
@@ -410,18 +415,18 @@ def test_ld_on_distribution_retinanet_and_fcos(name):
         thr = atss_assign(s_out.anchors, s_out.num_per_level, targets[0]["boxes"], 9).iou_thr
         region = valuable_localization_region(s_out.anchors, targets[0]["boxes"], thr, 0.25, "mask").weight
         assert torch.equal(vlr_weights(s_out)[0], region) and region.sum() > 0
-    terms = LD(student, teacher, vlr_kd_weight=1.0)(images, targets)
+    terms = distil(student, teacher, vlr_kd_weight=1.0)(images, targets)
     assert all(terms[k].item() > 0 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
-    same = LD(student, copy.deepcopy(student), vlr_kd_weight=1.0)(images, targets)
+    same = distil(student, copy.deepcopy(student), vlr_kd_weight=1.0)(images, targets)
     assert all(same[k].abs().item() < 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
 
 
 def test_ld_errors_across_detectors():
     images, targets = _batch()
     with pytest.raises(ValueError, match="slot layout"):  # 9 anchors per location vs 1
-        LD(_tiny_gfl(0, reg_max=8), _tiny_zoo("retinanet", 1, reg_max=8))(images, targets)
-    with pytest.raises(ValueError, match="distribution box head"):  # a plain (delta-regression) RetinaNet
-        LD(_tiny_zoo("retinanet", 0, reg_max=8), _tiny_zoo("retinanet", 1))(images, targets)
+        distil(_tiny_gfl(0, reg_max=8), _tiny_zoo("retinanet", 1, reg_max=8))(images, targets)
+    with pytest.raises(ValueError, match="edge-distribution box logits"):  # a plain (delta-regression) RetinaNet
+        distil(_tiny_zoo("retinanet", 0, reg_max=8), _tiny_zoo("retinanet", 1))(images, targets)
 
 
 def test_vlr_degenerate_gt_boxes_stay_finite():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from kdlab.distill.gid import pool_gi_features
+from kdlab.distill.common import pool_fpn_boxes
 from kdlab.utils.roi_align import axis_weights, roi_align_per_image
 
 
@@ -68,18 +68,29 @@ def test_no_boxes_bf16_and_bad_arguments():
         roi_align_per_image(feature, boxes[:1], 1 / 8, 4)
 
 
-def test_pool_gi_features_implementations_agree():
+def test_pool_fpn_boxes_implementations_agree():
     generator = torch.Generator().manual_seed(3)
     features = [torch.randn(2, 6, 32, 32, generator=generator), torch.randn(2, 6, 16, 16, generator=generator),
                 torch.randn(2, 6, 8, 8, generator=generator)]
     boxes = [b.clamp(0, 256) for b in random_boxes(generator, [7, 4], low=0.0, high=200.0)]
     boxes[0][0] = torch.tensor([0.0, 0.0, 250.0, 250.0])  # a large box lands on a coarser level
-    a = pool_gi_features(features, [8, 16, 32], boxes, impl="separable")
-    b = pool_gi_features(features, [8, 16, 32], boxes, impl="torchvision")
+    a = pool_fpn_boxes(features, [8, 16, 32], boxes, impl="separable")
+    b = pool_fpn_boxes(features, [8, 16, 32], boxes, impl="torchvision")
     assert a.shape == (11, 6, 10, 10)
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(ValueError, match="impl"):
-        pool_gi_features(features, [8, 16, 32], boxes, impl="cuda")
+        pool_fpn_boxes(features, [8, 16, 32], boxes, impl="cuda")
+    assert torch.equal(pool_fpn_boxes(features, [8, 16, 32], boxes), a)  # "auto": small CPU maps -> separable
+
+
+def test_auto_roi_align_choice_by_device_and_map_size():
+    from kdlab.distill.common import SEPARABLE_MAX_CELLS, resolve_roi_align_impl
+
+    side = int(SEPARABLE_MAX_CELLS ** 0.5)
+    assert resolve_roi_align_impl("auto", torch.zeros(1, 1, side, side)) == "separable"
+    assert resolve_roi_align_impl("auto", torch.zeros(1, 1, side + 1, side + 1)) == "torchvision"
+    assert resolve_roi_align_impl("auto", torch.zeros(1, 1, 8, 8, device="meta")) == "torchvision"  # not CPU (GPU)
+    assert resolve_roi_align_impl("separable", torch.zeros(1, 1, 200, 200)) == "separable"
 
 
 def test_padded_layout_by_hand():

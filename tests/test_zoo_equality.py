@@ -21,8 +21,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from kdlab.models.faster_rcnn import FasterRCNN
 from kdlab.models.fcos import FCOS
 from kdlab.models.retinanet import RetinaNet
-from kdlab.models.zoo_backbones import build_fpn_backbone
-from kdlab.models.zoo_common import predict_raw_images, torchvision_preprocess
+from kdlab.models.fpn_backbones import build_fpn_backbone
+from kdlab.models.common import predict_raw_images, torchvision_preprocess
 
 
 

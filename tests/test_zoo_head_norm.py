@@ -1,18 +1,20 @@
-"""Head GroupNorm of the narrow zoo students: torchvision's 32 groups at 256 channels, >= 4 channels a group."""
+"""kdlab's one GroupNorm rule: torchvision's 32 groups at 256 channels, >= 4 channels a group."""
 
 import torch
 
 from kdlab.models import build_detector, weighted_total
-from kdlab.models.zoo_students import head_group_norm
+from kdlab.models.layers import group_norm
 
 
-def test_head_group_norm_groups():
-    assert head_group_norm(256).num_groups == 32  # torchvision's v2 heads
-    assert head_group_norm(128).num_groups == 32
-    assert head_group_norm(64).num_groups == 16
-    assert head_group_norm(32).num_groups == 8
-    assert head_group_norm(24).num_groups == 6
-    assert head_group_norm(4).num_groups == 1
+def test_group_norm_groups():
+    assert group_norm(256).num_groups == 32  # torchvision's v2 heads
+    assert group_norm(128).num_groups == 32
+    assert group_norm(64).num_groups == 16
+    assert group_norm(32).num_groups == 8
+    assert group_norm(24).num_groups == 6
+    assert group_norm(4).num_groups == 1
+    assert group_norm(72).num_groups == 18  # MobileNetV3 widths: a divisor of the width
+    assert group_norm(16).num_groups == 4
 
 
 def test_narrow_students_train_on_one_image():

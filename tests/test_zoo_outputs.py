@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 from kdlab.models.faster_rcnn import FasterRCNN
 from kdlab.models.fcos import FCOS
 from kdlab.models.retinanet import RetinaNet
-from kdlab.models.zoo_backbones import build_fpn_backbone
+from kdlab.models.fpn_backbones import build_fpn_backbone
 
 NUM_CLASSES = 4
 

@@ -16,9 +16,9 @@ import torch
 import torchvision
 from torchvision.models.detection import RetinaNet_ResNet50_FPN_V2_Weights
 
-from kdlab.models import zoo_weights
-from kdlab.models.zoo import ZOO_BUILDERS
-from kdlab.models.zoo_weights import (
+from kdlab.models import weights as zoo_weights
+from kdlab.models import DETECTORS
+from kdlab.models.weights import (
     COCO91_CLASS_NAMES,
     WeightsUnavailableError,
     coco91_columns,
@@ -55,14 +55,14 @@ def empty_torch_home(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.parametrize("name", TORCHVISION_NAMES)
 def test_state_dict_keys_and_shapes_equal_torchvision(name: str):
-    kd_state = ZOO_BUILDERS[name](num_classes=91).state_dict()
+    kd_state = DETECTORS[name](num_classes=91).state_dict()
     tv_state = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=91).state_dict()
     assert list(kd_state) == list(tv_state)
     assert {k: v.shape for k, v in kd_state.items()} == {k: v.shape for k, v in tv_state.items()}
 
 
 def test_faster_rcnn_kdlab_labels_add_a_background_column():
-    model = ZOO_BUILDERS["fasterrcnn_resnet50_fpn"](num_classes=80, torchvision_labels=False)
+    model = DETECTORS["fasterrcnn_resnet50_fpn"](num_classes=80, torchvision_labels=False)
     assert model.roi_heads.box_predictor.cls_score.out_features == 81
     assert model.label_offset == 1
 
@@ -80,7 +80,7 @@ def test_coco_weights_load_in_one_call_from_the_cache(empty_torch_home, monkeypa
         raise AssertionError("a cached file must not be downloaded again")
 
     monkeypatch.setattr(zoo_weights, "_download", no_network)
-    model = ZOO_BUILDERS["retinanet_resnet50_fpn"](num_classes=91, weights="COCO_V1")
+    model = DETECTORS["retinanet_resnet50_fpn"](num_classes=91, weights="COCO_V1")
     loaded = model.state_dict()
     for key, value in reference.state_dict().items():
         if key.endswith("num_batches_tracked"):
@@ -102,7 +102,7 @@ def test_missing_weights_raise_a_clear_error(empty_torch_home, monkeypatch):
 
     monkeypatch.setattr(zoo_weights, "_download", offline)
     with pytest.raises(WeightsUnavailableError) as info:
-        ZOO_BUILDERS["retinanet_resnet50_fpn_v2"](num_classes=91, weights="COCO_V1")
+        DETECTORS["retinanet_resnet50_fpn_v2"](num_classes=91, weights="COCO_V1")
     message = str(info.value)
     file_name = "retinanet_resnet50_fpn_v2_coco-5905b1c5.pth"
     assert file_name in message
@@ -115,18 +115,18 @@ def test_missing_weights_raise_a_clear_error(empty_torch_home, monkeypatch):
 def test_missing_backbone_weights_raise_the_same_error(empty_torch_home, monkeypatch):
     monkeypatch.setattr(zoo_weights, "_download", lambda *a: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(WeightsUnavailableError, match="resnet18-f37072fd.pth"):
-        ZOO_BUILDERS["retinanet"](3, backbone="resnet18", backbone_weights="IMAGENET1K_V1")
+        DETECTORS["retinanet"](3, backbone="resnet18", backbone_weights="IMAGENET1K_V1")
 
 
 def test_weights_arguments_are_checked():
     with pytest.raises(ValueError, match="num_classes=91"):
-        ZOO_BUILDERS["fcos_resnet50_fpn"](num_classes=80, weights="COCO_V1")
+        DETECTORS["fcos_resnet50_fpn"](num_classes=80, weights="COCO_V1")
     with pytest.raises(ValueError, match="expected one of"):
         resolve_weights("fcos_resnet50_fpn", "COCO_V2")
     assert resolve_weights("fcos_resnet50_fpn", "DEFAULT").name == "COCO_V1"
     assert resolve_weights("resnet18", "ResNet18_Weights.IMAGENET1K_V1").name == "IMAGENET1K_V1"
     with pytest.raises(ValueError, match="does not take option"):
-        ZOO_BUILDERS["retinanet_resnet50_fpn"](num_classes=91, score_threshold=0.1)
+        DETECTORS["retinanet_resnet50_fpn"](num_classes=91, score_threshold=0.1)
 
 
 def test_coco91_columns_are_category_ids():

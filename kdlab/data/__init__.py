@@ -11,7 +11,8 @@
 
 from kdlab.data.coco import CocoDetection, build_dataset, dataset_layouts, read_rgb
 from kdlab.data.shapes import SHAPES_CATEGORY_IDS, SHAPES_CLASSES, make_shapes, render_scene
-from kdlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_fn, denormalize
+from kdlab.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_fn, denormalize,
+                                   image_sizes_of)
 
 __all__ = [
     "CocoDetection",
@@ -24,6 +25,7 @@ __all__ = [
     "collate_fn",
     "dataset_layouts",
     "denormalize",
+    "image_sizes_of",
     "make_shapes",
     "read_rgb",
     "render_scene",

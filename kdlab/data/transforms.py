@@ -97,3 +97,8 @@ def denormalize(images: Tensor) -> Tensor:
     mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
     return (images * std + mean).clamp(0, 1)
+
+
+def image_sizes_of(targets: list[dict]) -> list[tuple[int, int]]:
+    """``(h, w)`` of each unpadded input image of a batch, read from its targets' ``size``."""
+    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]

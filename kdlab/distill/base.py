@@ -1,13 +1,18 @@
-"""What the training engine trains: a detector alone, or a student distilled from a teacher.
+"""A distillation method is a criterion; a distillation task runs the two models and adds them up.
 
-Both are ``nn.Module``s with the same interface:
+- :class:`DistillCriterion`: one method, ``forward(student_out, teacher_out, targets) -> {term:
+  unweighted}`` with its ``weight_dict``, in the shape of the detection criteria (DETR's
+  convention). It reads the outputs through their common interface
+  (:class:`~kdlab.models.outputs.DetectorOutput`) and never asks which detector produced them. Its
+  own trainable parts (adapters, graph units) are submodules and train with the student.
+- :class:`DistillationTask`: what the engine trains. It runs the student and the frozen teacher on
+  a batch (:meth:`DistillationTask.run_models`, the step a method may override, e.g. to feed the
+  same extra queries to both decoders) and returns the detection terms plus every criterion's
+  terms. Criteria combine: the released LD recipe is ``[LD, FineGrainedImitation]``.
 
-- ``forward(images, targets) -> {name: unweighted scalar loss}``,
-- ``weight_dict``: how the engine weights each term (every term is logged both ways),
-- ``student``: the detector being trained (the exported checkpoint holds it alone),
-- ``trainable_parameters()`` / ``trainable_state_dict()``: what the optimiser updates and what a
-  resumable checkpoint saves. A distiller's own parts (adapters, graph units) are included; the
-  teacher never is.
+The teacher is put in ``eval()`` mode, has ``requires_grad=False`` everywhere and runs under
+``torch.no_grad()``; it is a submodule only so that ``.to(device)`` moves it, and is left out of
+:meth:`~DistillationTask.trainable_parameters` and :meth:`~DistillationTask.trainable_state_dict`.
 """
 
 from __future__ import annotations
@@ -15,88 +20,112 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdlab.models.base import Detector
+from kdlab.data.transforms import image_sizes_of
+from kdlab.models.base import DetectionTask, Detector
 
 
-def image_sizes_of(targets: list[dict]) -> list[tuple[int, int]]:
-    """``(h, w)`` of each unpadded input image, read from the batch's targets."""
-    return [(int(t["size"][0]), int(t["size"][1])) for t in targets]
+class DistillCriterion(nn.Module):
+    """Base class of the distillation methods (see the module docstring).
 
+    Subclasses set ``name`` (their key in :data:`kdlab.distill.METHODS`), ``method`` (how messages
+    name them), ``weight_dict`` (every term they return; a term switched off is absent), and may set:
 
-class DetectionTask(nn.Module):
-    """Train a detector on its own detection loss."""
+    - ``supported_kinds``: the output kinds they read (``"dense"``, ``"two_stage"``, ``"set"``),
+      checked against both models when the criterion is built;
+    - ``teacher_needs_targets``: run the teacher with the targets (its own label assignment);
+    - :meth:`shared_inputs`: keyword arguments fed to the forward of both models.
 
-    def __init__(self, detector: Detector):
+    Args:
+        student: the detector being trained.
+        teacher: the trained detector.
+    """
+
+    name: str = "distill"
+    method: str = "distillation"
+    supported_kinds: tuple[str, ...] = ("dense", "two_stage", "set")
+    teacher_needs_targets: bool = False
+
+    def __init__(self, student: Detector, teacher: Detector):
         super().__init__()
-        self.student = detector
-        self.criterion = detector.build_criterion()
+        self.weight_dict: dict[str, float] = {}
+        for who, model in (("student", student), ("teacher", teacher)):
+            kind = getattr(model, "output_kind", "dense")
+            if kind not in self.supported_kinds:
+                raise ValueError(f"{self.method} distils {' / '.join(self.supported_kinds)} detectors; the {who} is a "
+                                 f"{type(model).__name__} ({kind.replace('_', '-')} output)")
 
-    @property
-    def weight_dict(self) -> dict[str, float]:
-        return dict(self.criterion.weight_dict)
+    def forward(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:  # pragma: no cover
+        """Unweighted terms (the keys of ``weight_dict``)."""
+        raise NotImplementedError
 
-    def forward(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
-        output = self.student(images, image_sizes_of(targets), targets)
-        return self.criterion(output, targets)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
-    def trainable_state_dict(self) -> dict[str, Tensor]:
-        return self.state_dict()
-
-    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
-        self.load_state_dict(state)
+    def shared_inputs(self, images: Tensor, targets: list[dict], student: Detector, teacher: Detector) -> dict:
+        """Extra keyword arguments for the forward of both models in this step (none by default)."""
+        return {}
 
 
-class Distiller(nn.Module):
-    """Base distiller: a trainable student, a frozen teacher, and distillation terms.
-
-    Subclasses implement :meth:`distill_terms` and set ``distill_weight_dict``. The teacher is
-    put in ``eval()`` mode, has ``requires_grad=False`` everywhere and runs under
-    ``torch.no_grad()``; it is registered as a submodule only so that ``.to(device)`` moves it,
-    and is left out of :meth:`trainable_parameters` and :meth:`trainable_state_dict`.
+class DistillationTask(DetectionTask):
+    """The student's detection loss plus the terms of one or more distillation criteria.
 
     Args:
         student: the detector to train.
         teacher: a trained detector (its weights are never changed).
-        teacher_needs_targets: run the teacher's forward with the targets, so that its output
-            carries its own label assignment (some methods use it).
+        criteria: one :class:`DistillCriterion` or several (their terms must have distinct names).
     """
 
-    distill_weight_dict: dict[str, float] = {}
-
-    def __init__(self, student: Detector, teacher: Detector, *, teacher_needs_targets: bool = False):
-        super().__init__()
-        self.student = student
+    def __init__(self, student: Detector, teacher: Detector, criteria: DistillCriterion | list[DistillCriterion]):
+        super().__init__(student)
+        criteria = [criteria] if isinstance(criteria, DistillCriterion) else list(criteria)
+        if not criteria:
+            raise ValueError("DistillationTask needs at least one distillation criterion")
         self.teacher = teacher
-        self.criterion = student.build_criterion()
-        self.teacher_needs_targets = teacher_needs_targets
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.teacher.eval()
+        names = [c.name for c in criteria]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a distillation method can appear once in a combination, got {names}")
+        self.distillers = nn.ModuleDict({c.name: c for c in criteria})
+        seen = dict(self.criterion.weight_dict)
+        for c in criteria:
+            clash = sorted(set(seen) & set(c.weight_dict))
+            if clash:
+                raise ValueError(f"{c.method} returns term(s) {clash} that another criterion of the task returns too")
+            seen.update(c.weight_dict)
 
-    def train(self, mode: bool = True) -> "Distiller":
+    def train(self, mode: bool = True) -> "DistillationTask":
         super().train(mode)
         self.teacher.eval()  # the teacher stays in eval mode (frozen BN/GN statistics, no dropout)
         return self
 
     @property
     def weight_dict(self) -> dict[str, float]:
-        return {**self.criterion.weight_dict, **self.distill_weight_dict}
+        weights = dict(self.criterion.weight_dict)
+        for c in self.distillers.values():
+            weights.update(c.weight_dict)
+        return weights
+
+    def run_models(self, images: Tensor, targets: list[dict]):
+        """The student's output (with its label assignment) and the teacher's (no gradient).
+
+        Every criterion's :meth:`~DistillCriterion.shared_inputs` go to both forwards; a method
+        whose step differs more overrides this.
+        """
+        sizes = image_sizes_of(targets)
+        shared: dict = {}
+        for c in self.distillers.values():
+            shared.update(c.shared_inputs(images, targets, self.student, self.teacher))
+        student_out = self.student(images, sizes, targets, **shared)
+        with torch.no_grad():
+            needs_targets = any(c.teacher_needs_targets for c in self.distillers.values())
+            teacher_out = self.teacher(images, sizes, targets if needs_targets else None, **shared)
+        return student_out, teacher_out
 
     def forward(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
-        sizes = image_sizes_of(targets)
-        student_out = self.student(images, sizes, targets)
-        with torch.no_grad():
-            teacher_out = self.teacher(images, sizes, targets if self.teacher_needs_targets else None)
+        student_out, teacher_out = self.run_models(images, targets)
         terms = dict(self.criterion(student_out, targets))
-        terms.update(self.distill_terms(student_out, teacher_out, targets))
+        for c in self.distillers.values():
+            terms.update(c(student_out, teacher_out, targets))
         return terms
-
-    def distill_terms(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:
-        """Unweighted distillation terms (keys must appear in ``distill_weight_dict``)."""
-        raise NotImplementedError
 
     def _is_teacher_key(self, name: str) -> bool:
         return name == "teacher" or name.startswith("teacher.")
@@ -111,4 +140,4 @@ class Distiller(nn.Module):
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not self._is_teacher_key(k)]
         if missing or unexpected:
-            raise KeyError(f"checkpoint does not match the distiller: missing {missing}, unexpected {unexpected}")
+            raise KeyError(f"checkpoint does not match the distillation task: missing {missing}, unexpected {unexpected}")

@@ -14,7 +14,8 @@ Per image and every iteration:
    ``min_size``, class-agnostic NMS at IoU 0.3, keep the best ``k`` (10).
 
 For Faster R-CNN the class scores are replaced by the RPN objectness ``P = σ(objectness)`` and
-the boxes are the RPN's decoded anchors (:func:`gism_inputs`).
+the boxes are the RPN's decoded anchors: GISM reads every output through its dense stage
+(:func:`gism_inputs`).
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import box_iou, nms
+from torchvision.ops import box_iou, clip_boxes_to_image, nms, remove_small_boxes
 
-from kdlab.models.outputs import DenseOutput
+from kdlab.models.outputs import DetectorOutput
+
 
 GI_SCORE_VARIANTS = ("paper", "official")
 # kinds returned by general_instance_kinds (the paper's Fig. 4 colours)
@@ -56,44 +57,17 @@ class GeneralInstances:
         return [int(b.shape[0]) for b in self.boxes]
 
 
-def gism_inputs(output) -> tuple[Tensor, Tensor]:
-    """Per-slot probabilities and decoded boxes that GISM compares.
+def gism_inputs(output, who: str) -> tuple[Tensor, Tensor]:
+    """Per-slot probabilities ``[B, N, C]`` and decoded boxes ``[B, N, 4]`` that GISM compares, detached.
 
-    Args:
-        output: a :class:`~kdlab.models.outputs.DenseOutput` (RetinaNet, FCOS, GFL), or a
-            :class:`~kdlab.models.faster_rcnn_outputs.TwoStageOutput` (Faster R-CNN: GISM runs on
-            the RPN's ``rpn_objectness`` ``[B, N]``, ``rpn_deltas`` ``[B, N, 4]`` and ``anchors``).
-
-    Returns:
-        ``probs`` ``[B, N, C]`` (``C = 1`` for the RPN) and ``boxes`` ``[B, N, 4]``, both detached.
+    They come from the output's dense stage (:meth:`~kdlab.models.outputs.DetectorOutput.dense_slots`):
+    a one-stage head's class scores, or for Faster R-CNN the RPN's objectness (``C = 1``) and its
+    decoded anchors.
     """
-    if isinstance(output, DenseOutput):
-        return output.cls_logits.detach().float().sigmoid(), output.pred_boxes.detach().float()
-    if hasattr(output, "rpn_objectness") and hasattr(output, "rpn_deltas"):
-        probs = output.rpn_objectness.detach().float().sigmoid()[..., None]  # [B, N, 1]
-        return probs, decode_rpn_boxes(output.rpn_deltas, output.anchors)
-    raise TypeError(
-        f"GISM needs a DenseOutput or a two-stage output with rpn_objectness/rpn_deltas/anchors, got {type(output).__name__}"
-    )
-
-
-def decode_rpn_boxes(rpn_deltas: Tensor, anchors: Tensor) -> Tensor:
-    """Every anchor's RPN box (the proposal before top-k and NMS), detached.
-
-    ``cx = cx_a + dx w_a``, ``w = w_a exp(dw)`` (same for y, h): torchvision's ``BoxCoder`` with
-    the RPN's weights ``(1, 1, 1, 1)``.
-
-    Args:
-        rpn_deltas: ``[B, A, 4]`` RPN deltas.
-        anchors: ``[A, 4]`` xyxy anchors, the same for every image.
-
-    Returns:
-        ``[B, A, 4]`` xyxy boxes.
-    """
-    batch, num_anchors, _ = rpn_deltas.shape
-    coder = BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
-    flat = coder.decode_single(rpn_deltas.detach().float().reshape(-1, 4), anchors.float().repeat(batch, 1))
-    return flat.view(batch, num_anchors, 4)
+    if not isinstance(output, DetectorOutput):
+        raise TypeError(f"GISM needs the {who}'s kdlab detector output (a DetectorOutput), got {type(output).__name__}")
+    slots = output.dense_slots("GISM", who)
+    return slots.cls_logits.detach().float().sigmoid(), slots.pred_boxes.detach().float()
 
 
 def general_instance_scores(teacher_probs: Tensor, student_probs: Tensor, variant: str = "paper") -> tuple[Tensor, Tensor]:
@@ -141,7 +115,7 @@ def select_from_scores(
 ) -> GeneralInstances:
     """GISM's filtering, per image: top-``pre_nms_topk``, clip, min size, NMS, top-``k``.
 
-    The ranking and clipping run on the whole batch at once; NMS runs image by image, on the best
+    The ranking runs on the whole batch at once; clipping and NMS run image by image, on the best
     ``64 k`` candidates first and deeper only when they leave fewer than ``k`` survivors (the
     same GIs as ranking all ``pre_nms_topk``, tested).
 
@@ -163,21 +137,18 @@ def select_from_scores(
     # the full run there (nms_first_k): rank only the best 64 k first, and an image whose
     # candidates leave fewer than k survivors is ranked again 4x deeper, up to pre_nms_topk.
     depth = min(limit, 64 * k)
-    # clip to each image: x to [0, w], y to [0, h] (torchvision's clip_boxes_to_image, batched)
-    limits = torch.tensor([[w, h, w, h] for h, w in image_sizes], dtype=boxes.dtype, device=boxes.device)
     top_scores, slots = scores.topk(depth, dim=1)  # [B, P], sorted
-    top_boxes, valid = _clipped_valid(boxes.gather(1, slots[..., None].expand(-1, -1, 4)), limits[:, None], min_size)
     result = GeneralInstances([], [], [], [])
     for b in range(scores.shape[0]):
-        image_scores, image_slots, image_boxes, image_valid, image_depth = top_scores[b], slots[b], top_boxes[b], valid[b], depth
+        image_scores, image_slots, image_depth = top_scores[b], slots[b], depth
         while True:
-            idx = image_valid.nonzero().flatten()
+            image_boxes, valid = clip_and_filter(boxes[b, image_slots], image_sizes[b], min_size)
+            idx = valid.nonzero().flatten()
             keep = idx[nms_first_k(image_boxes[idx], image_scores[idx], nms_iou, k)]
             if keep.numel() >= k or image_depth >= limit:
                 break
             image_depth = min(limit, 4 * image_depth)
             image_scores, image_slots = scores[b].topk(image_depth)
-            image_boxes, image_valid = _clipped_valid(boxes[b, image_slots], limits[b], min_size)
         result.boxes.append(image_boxes[keep])
         result.scores.append(image_scores[keep])
         result.from_teacher.append(from_teacher[b, image_slots[keep]])
@@ -185,12 +156,13 @@ def select_from_scores(
     return result
 
 
-def _clipped_valid(boxes: Tensor, limits: Tensor, min_size: float) -> tuple[Tensor, Tensor]:
-    """Boxes ``[..., 4]`` clipped to ``[0, limits]`` and whether they are finite with both sides
-    ``>= min_size`` (torchvision's ``remove_small_boxes`` rule)."""
-    boxes = torch.minimum(boxes.clamp(min=0), limits)
-    sides = boxes[..., 2:] - boxes[..., :2]
-    return boxes, torch.isfinite(boxes).all(dim=-1) & (sides >= min_size).all(dim=-1)
+def clip_and_filter(boxes: Tensor, image_size: tuple[int, int], min_size: float) -> tuple[Tensor, Tensor]:
+    """Boxes ``[P, 4]`` clipped to the image (``clip_boxes_to_image``) and a ``[P]`` mask of those
+    with both sides ``>= min_size`` (``remove_small_boxes``; a NaN box is dropped too)."""
+    boxes = clip_boxes_to_image(boxes, image_size)
+    valid = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    valid[remove_small_boxes(boxes, min_size)] = True
+    return boxes, valid
 
 
 def nms_first_k(boxes: Tensor, scores: Tensor, iou_threshold: float, k: int, first_prefix: int = 16) -> Tensor:
@@ -232,7 +204,7 @@ def select_general_instances(
     """Select the general instances of a batch (GISM, see the module docstring).
 
     Args:
-        teacher_out: the teacher's output (``DenseOutput``, or a two-stage output with RPN fields).
+        teacher_out: the teacher's output (any :class:`~kdlab.models.outputs.DetectorOutput` with a dense stage).
         student_out: the student's output, same kind and slot layout.
         k: GIs per image (10 in the paper).
         nms_iou: NMS IoU threshold (0.3).
@@ -247,14 +219,11 @@ def select_general_instances(
         raise ValueError(f"k and pre_nms_topk must be >= 1, got k={k}, pre_nms_topk={pre_nms_topk}")
     if not 0.0 < nms_iou <= 1.0:
         raise ValueError(f"nms_iou must be in (0, 1], got {nms_iou}")
-    if type(teacher_out) is not type(student_out):
-        raise TypeError(f"teacher output is a {type(teacher_out).__name__} but student output is a "
-                        f"{type(student_out).__name__}")
-    teacher_probs, teacher_boxes = gism_inputs(teacher_out)
-    student_probs, student_boxes = gism_inputs(student_out)
+    teacher_probs, teacher_boxes = gism_inputs(teacher_out, "teacher")
+    student_probs, student_boxes = gism_inputs(student_out, "student")
     scores, teacher_higher = general_instance_scores(teacher_probs, student_probs, variant)  # [B, N]
     gi_boxes = torch.where(teacher_higher[..., None], teacher_boxes, student_boxes)  # [B, N, 4]
-    image_sizes = student_out.image_sizes
+    image_sizes = [tuple(size) for size in student_out.image_sizes]
     if len(image_sizes) != scores.shape[0]:
         raise ValueError(f"the output has {len(image_sizes)} image_sizes for a batch of {scores.shape[0]} images")
     return select_from_scores(scores, gi_boxes, teacher_higher, image_sizes, k=k, nms_iou=nms_iou,

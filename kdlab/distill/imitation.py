@@ -14,10 +14,10 @@ weight 2.0. The region ``m`` is what differs:
 - :class:`InsideGTImitation`: locations whose point lies inside a GT box;
 - :class:`FineGrainedImitation`: anchors with ``IoU(a, g) > psi * max_a' IoU(a', g)`` for some GT
   ``g``, ``psi = 0.5`` (Wang et al., CVPR 2019);
-- :class:`GIImitation`: the general-instance locations: per image and level, GI score
-  ``max_c |sigma(t_c) - sigma(s_c)|``, GI box from the model with the higher score, NMS at 0.3,
-  top 10 (GID's selection as the LD code uses it; the released code runs it per level over the
-  whole batch at once, kdlab per image).
+- :class:`GIImitation`: the general-instance locations: per image and level, GISM's score
+  ``max_c |sigma(t_c) - sigma(s_c)|`` and box rule (:mod:`kdlab.distill.gism`), NMS at 0.3, top 10
+  (GID's selection as the LD code uses it; the released code runs it per level over the whole
+  batch at once, kdlab per image).
 
 :class:`ClassificationKD`: ``T^2``-scaled KL between softmax_T class distributions (the formula
 of :func:`kdlab.losses.ld.ld_kl_div`), averaged over the positives (or every slot).
@@ -29,35 +29,19 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou, nms
 
-from kdlab.distill.base import Distiller
-from kdlab.distill.ld import check_corresponding_outputs, check_teacher_student
+from kdlab.distill.base import DistillCriterion
+from kdlab.distill.common import (
+    check_corresponding_slots,
+    check_teacher_student,
+    fpn_channels,
+    slot_mask_to_locations,
+)
+from kdlab.distill.gism import general_instance_scores
 from kdlab.losses.ld import ld_kl_div
 from kdlab.models.base import Detector
+from kdlab.models.box_ops import points_in_boxes
 from kdlab.models.outputs import DenseOutput
 from kdlab.utils.dist import reduce_normalizer
-
-
-def fpn_channels_of(model: Detector, given: int | None, who: str) -> int:
-    """FPN width of ``model`` (``model.backbone.out_channels``), or ``given`` when set."""
-    if given is not None:
-        return int(given)
-    channels = getattr(getattr(model, "backbone", None), "out_channels", None)
-    if not isinstance(channels, int):
-        raise ValueError(f"cannot read the {who}'s FPN width from {type(model).__name__}.backbone.out_channels; "
-                         f"pass {who}_channels=... to the distiller")
-    return channels
-
-
-def slot_mask_to_locations(slot_mask: Tensor, output: DenseOutput) -> list[Tensor]:
-    """``[B, N]`` slot mask -> per level ``[B, H_l, W_l]`` location mask (any of a location's anchors)."""
-    masks, start = [], 0
-    for feature, n_level in zip(output.features, output.num_per_level):
-        h, w = feature.shape[-2:]
-        anchors_per_location = n_level // (h * w)
-        level_mask = slot_mask[:, start : start + n_level].reshape(slot_mask.shape[0], h, w, anchors_per_location)
-        masks.append(level_mask.any(dim=-1))
-        start += n_level
-    return masks
 
 
 def masked_feature_mse(student_features: list[Tensor], teacher_features: list[Tensor], masks: list[Tensor]) -> Tensor:
@@ -78,7 +62,7 @@ def masked_feature_mse(student_features: list[Tensor], teacher_features: list[Te
     return total / reduce_normalizer(count)
 
 
-class FeatureImitation(Distiller):
+class FeatureImitation(DistillCriterion):
     """Feature imitation on a region chosen by :meth:`region` (subclasses); term ``loss_imitation``.
 
     Args:
@@ -89,28 +73,31 @@ class FeatureImitation(Distiller):
     """
 
     check_classes = False
+    supported_kinds = ("dense",)
 
     def __init__(self, student: Detector, teacher: Detector, *, weight: float = 2.0, student_channels: int | None = None,
                  teacher_channels: int | None = None, adapter: str = "auto"):
-        check_teacher_student(student, teacher, ("num_classes", "strides") if self.check_classes else ("strides",))
+        check_teacher_student(student, teacher, self.method, ("num_classes", "strides") if self.check_classes else ("strides",))
         super().__init__(student, teacher)
         if weight < 0:
             raise ValueError(f"imitation weight must be >= 0, got {weight}")
         if adapter not in ("auto", "conv", "none"):
             raise ValueError(f"adapter must be 'auto', 'conv' or 'none', got {adapter!r}")
-        c_student = fpn_channels_of(student, student_channels, "student")
-        c_teacher = fpn_channels_of(teacher, teacher_channels, "teacher")
+        c_student = fpn_channels(student, student_channels)
+        c_teacher = fpn_channels(teacher, teacher_channels)
         if adapter == "none" and c_student != c_teacher:
             raise ValueError(f"adapter='none' needs equal FPN widths; student {c_student}, teacher {c_teacher}")
         use_conv = adapter == "conv" or (adapter == "auto" and c_student != c_teacher)
         self.adapter = nn.Conv2d(c_student, c_teacher, kernel_size=1) if use_conv else nn.Identity()
-        self.distill_weight_dict = {"loss_imitation": float(weight)}
+        self.weight_dict = {"loss_imitation": float(weight)}
 
     def region(self, student_out: DenseOutput, teacher_out: DenseOutput, targets: list[dict]) -> list[Tensor]:
         """Per level ``[B, H_l, W_l]`` bool mask of the imitated locations."""
         raise NotImplementedError
 
-    def distill_terms(self, student_out: DenseOutput, teacher_out: DenseOutput, targets: list[dict]) -> dict[str, Tensor]:
+    def forward(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:
+        student_out = student_out.dense_slots(self.method, "student")
+        teacher_out = teacher_out.dense_slots(self.method, "teacher")
         if len(student_out.features) != len(teacher_out.features):
             raise ValueError(f"teacher/student mismatch in FPN levels: {len(student_out.features)} vs {len(teacher_out.features)}")
         for level, (s, t) in enumerate(zip(student_out.features, teacher_out.features)):
@@ -124,21 +111,20 @@ class FeatureImitation(Distiller):
 class FitNet(FeatureImitation):
     """FitNets: imitate the whole FPN maps."""
 
+    name, method = "fitnet", "FitNets imitation"
+
     def region(self, student_out, teacher_out, targets):
         return [torch.ones(f.shape[0], *f.shape[-2:], dtype=torch.bool, device=f.device) for f in student_out.features]
 
 
-def inside_gt_mask(points: Tensor, gt_boxes: Tensor) -> Tensor:
-    """``[N]`` bool: the point lies strictly inside at least one of ``gt_boxes`` ``[G, 4]``."""
-    x, y = points[:, 0:1], points[:, 1:2]
-    return ((x > gt_boxes[:, 0]) & (x < gt_boxes[:, 2]) & (y > gt_boxes[:, 1]) & (y < gt_boxes[:, 3])).any(dim=1)
-
-
 class InsideGTImitation(FeatureImitation):
-    """Imitate the locations whose point lies inside a GT box."""
+    """Imitate the locations whose point lies strictly inside a GT box."""
+
+    name, method = "inside_gt", "inside-GT imitation"
 
     def region(self, student_out, teacher_out, targets):
-        slot_mask = torch.stack([inside_gt_mask(student_out.points, t["boxes"].to(student_out.points)) for t in targets])
+        slot_mask = torch.stack([points_in_boxes(student_out.points, t["boxes"].to(student_out.points)).any(dim=1)
+                                 for t in targets])
         return slot_mask_to_locations(slot_mask, student_out)
 
 
@@ -152,6 +138,8 @@ def fine_grained_mask(anchors: Tensor, gt_boxes: Tensor, psi: float = 0.5) -> Te
 
 class FineGrainedImitation(FeatureImitation):
     """Fine-grained imitation: near-object anchors (``psi = 0.5`` of each GT's best anchor IoU)."""
+
+    name, method = "fine_grained", "fine-grained imitation"
 
     def __init__(self, student: Detector, teacher: Detector, *, psi: float = 0.5, **options):
         super().__init__(student, teacher, **options)
@@ -171,8 +159,9 @@ def general_instance_slots(student_scores: Tensor, teacher_scores: Tensor, stude
                            iou_threshold: float = 0.3, top_k: int = 10) -> Tensor:
     """Indices of the general instances among ``M`` slots (one image, one level).
 
-    GI score ``max_c |P_t[r, c] - P_s[r, c]|``; GI box: the teacher's decoded box where the teacher's
-    score of that class is the higher one, else the student's; NMS at ``iou_threshold``; ``top_k`` kept.
+    GISM's score and box rule (:func:`kdlab.distill.gism.general_instance_scores`): score
+    ``max_c |P_t[r, c] - P_s[r, c]|``, the teacher's box where its max score is the higher one,
+    else the student's; then NMS at ``iou_threshold`` and the best ``top_k``.
 
     Args:
         student_scores, teacher_scores: ``[M, C]`` sigmoid class scores.
@@ -181,9 +170,7 @@ def general_instance_slots(student_scores: Tensor, teacher_scores: Tensor, stude
     Returns:
         ``[K]`` int64 slot indices, ``K <= top_k``, by decreasing GI score.
     """
-    difference = teacher_scores - student_scores  # [M, C]
-    gi_score, gi_class = difference.abs().max(dim=1)
-    teacher_higher = difference.gather(1, gi_class[:, None]).squeeze(1) >= 0
+    gi_score, teacher_higher = general_instance_scores(teacher_scores, student_scores)
     gi_boxes = torch.where(teacher_higher[:, None], teacher_boxes, student_boxes)
     return nms(gi_boxes.float(), gi_score.float(), iou_threshold)[:top_k]
 
@@ -191,6 +178,7 @@ def general_instance_slots(student_scores: Tensor, teacher_scores: Tensor, stude
 class GIImitation(FeatureImitation):
     """Imitate the general-instance locations (per image and level: NMS 0.3, top 10)."""
 
+    name, method = "gi_imitation", "GI imitation"
     check_classes = True
 
     def __init__(self, student: Detector, teacher: Detector, *, iou_threshold: float = 0.3, top_k: int = 10, **options):
@@ -199,7 +187,7 @@ class GIImitation(FeatureImitation):
 
     @torch.no_grad()
     def region(self, student_out, teacher_out, targets):
-        check_corresponding_outputs(student_out, teacher_out, need_box_logits=False)
+        check_corresponding_slots(student_out, teacher_out, self.method)
         student_scores = student_out.cls_logits.float().sigmoid()  # [B, N, C]
         teacher_scores = teacher_out.cls_logits.float().sigmoid()
         slot_mask = torch.zeros(student_scores.shape[:2], dtype=torch.bool, device=student_scores.device)
@@ -214,7 +202,7 @@ class GIImitation(FeatureImitation):
         return slot_mask_to_locations(slot_mask, student_out)
 
 
-class ClassificationKD(Distiller):
+class ClassificationKD(DistillCriterion):
     """Plain logit KD on classification: ``T^2 * mean_c KL(softmax_T(t) || softmax_T(s))`` per slot.
 
     Term ``loss_cls_kd``, averaged over the region's slots.
@@ -226,23 +214,26 @@ class ClassificationKD(Distiller):
         region: ``"positives"`` (the student's assignment) or ``"all"`` slots.
     """
 
+    name, method = "cls_kd", "classification KD"
+    supported_kinds = ("dense",)
+
     def __init__(self, student: Detector, teacher: Detector, *, weight: float = 10.0, temperature: float = 2.0,
                  region: str = "positives"):
-        check_teacher_student(student, teacher, ("num_classes", "strides"))
+        check_teacher_student(student, teacher, self.method, ("num_classes", "strides"))
         super().__init__(student, teacher)
         if region not in ("positives", "all"):
             raise ValueError(f"region must be 'positives' or 'all', got {region!r}")
         if weight < 0 or not temperature > 0:
             raise ValueError(f"need weight >= 0 and temperature > 0, got weight={weight}, temperature={temperature}")
         self.temperature, self.region = float(temperature), region
-        self.distill_weight_dict = {"loss_cls_kd": float(weight)}
+        self.weight_dict = {"loss_cls_kd": float(weight)}
 
-    def distill_terms(self, student_out: DenseOutput, teacher_out: DenseOutput, targets: list[dict]) -> dict[str, Tensor]:
-        check_corresponding_outputs(student_out, teacher_out, need_box_logits=False)
+    def forward(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:
+        student_out = student_out.dense_slots(self.method, "student")
+        teacher_out = teacher_out.dense_slots(self.method, "teacher")
+        check_corresponding_slots(student_out, teacher_out, self.method)
         if self.region == "positives":
-            if student_out.assignment is None:
-                raise ValueError("ClassificationKD(region='positives') needs the student's assignment: run it with targets")
-            mask = student_out.assignment.pos_mask  # [B, N]
+            mask = student_out.require("assignment", self.method, "student").pos_mask  # [B, N]
         else:
             mask = torch.ones(student_out.cls_logits.shape[:2], dtype=torch.bool, device=student_out.cls_logits.device)
         kd = ld_kl_div(student_out.cls_logits[mask], teacher_out.cls_logits[mask], self.temperature)  # [M]

@@ -42,74 +42,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdlab.distill.base import Distiller
+from kdlab.distill.base import DistillCriterion
+from kdlab.distill.common import check_corresponding_slots, check_teacher_student
 from kdlab.distill.vlr import VLR_WEIGHTINGS, vlr_weights
 from kdlab.losses.ld import edge_ld, ld_kl_div
 from kdlab.models.base import Detector
-from kdlab.models.outputs import DenseOutput
 from kdlab.utils.dist import reduce_normalizer
 
 LD_VARIANTS = ("kdlab", "official")
 # the released code's constant ``avg_factor`` of the per-edge LD sums (main region, VLR)
 OFFICIAL_MAIN_LD_DIVISOR = 4.0
 OFFICIAL_VLR_LD_DIVISOR = 16.0
-
-
-MODEL_ATTRIBUTES = {"num_classes": "number of classes", "reg_max": "reg_max (bins per edge - 1)", "strides": "FPN strides"}
-
-
-def check_teacher_student(student: Detector, teacher: Detector,
-                          attributes: tuple[str, ...] = ("num_classes", "reg_max", "strides")) -> None:
-    """Raise a ``ValueError`` when ``teacher`` cannot be distilled into ``student`` slot by slot.
-
-    Checks that they are separate models and agree on what they declare (``attributes`` among
-    ``num_classes``, ``reg_max``, ``strides``); the outputs are checked again at every step by
-    :func:`check_corresponding_outputs`.
-    """
-    if student is teacher:
-        raise ValueError("teacher and student are the same module; for self-LD pass a separately trained "
-                         "copy of the student's architecture as the teacher (e.g. copy.deepcopy + load)")
-    shared = {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
-    if shared:
-        raise ValueError(f"teacher and student share {len(shared)} parameter tensors; the teacher must be a separate model")
-    for attr in attributes:
-        what = MODEL_ATTRIBUTES[attr]
-        s_value, t_value = getattr(student, attr, None), getattr(teacher, attr, None)
-        if s_value is not None and t_value is not None and tuple(_as_tuple(s_value)) != tuple(_as_tuple(t_value)):
-            raise ValueError(f"teacher/student mismatch in {what}: student {attr}={s_value}, teacher {attr}={t_value}; "
-                             "LD needs the same value on both")
-
-
-def _as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
-
-
-def check_corresponding_outputs(student_out: DenseOutput, teacher_out: DenseOutput, need_box_logits: bool = True) -> None:
-    """Raise a ``ValueError`` unless the two outputs have the same slot layout (and, with
-    ``need_box_logits``, distribution heads with the same ``reg_max``)."""
-    if need_box_logits:
-        for who, out in (("student", student_out), ("teacher", teacher_out)):
-            if out.box_logits is None:
-                raise ValueError(f"the {who}'s output has no box_logits: LD needs a distribution box head "
-                                 "(GFL, or RetinaNet/FCOS built with a GFL-style 4 * (reg_max + 1) head)")
-        s_bins, t_bins = student_out.box_logits.shape[-1], teacher_out.box_logits.shape[-1]
-        if s_bins != t_bins:
-            raise ValueError(f"teacher/student mismatch in reg_max: student box_logits have {s_bins} = 4 * "
-                             f"({s_bins // 4 - 1} + 1) entries per slot, teacher {t_bins} = 4 * ({t_bins // 4 - 1} + 1)")
-    if student_out.cls_logits.shape[-1] != teacher_out.cls_logits.shape[-1]:
-        raise ValueError(f"teacher/student mismatch in the number of classes: student {student_out.cls_logits.shape[-1]}, "
-                         f"teacher {teacher_out.cls_logits.shape[-1]}")
-    if list(student_out.num_per_level) != list(teacher_out.num_per_level):
-        raise ValueError(f"teacher/student mismatch in the slot layout: slots per FPN level student "
-                         f"{student_out.num_per_level}, teacher {teacher_out.num_per_level} (same strides, anchors "
-                         "per location and input size are needed)")
-    if not torch.equal(student_out.strides, teacher_out.strides):
-        raise ValueError("teacher/student mismatch in strides: the slots' strides differ")
-    if not torch.equal(student_out.points, teacher_out.points):
-        raise ValueError("teacher/student mismatch in the slot layout: the slots' points differ")
-    if student_out.cls_logits.shape[:2] != teacher_out.cls_logits.shape[:2]:
-        raise ValueError(f"teacher/student mismatch in batch/slots: student {tuple(student_out.cls_logits.shape[:2])}, "
-                         f"teacher {tuple(teacher_out.cls_logits.shape[:2])}")
 
 
 def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
@@ -125,7 +68,7 @@ def per_level_mean_sum(values: Tensor, levels: Tensor, num_levels: int) -> Tenso
     return (sums / counts.clamp(min=1.0)).sum()
 
 
-class LD(Distiller):
+class LD(DistillCriterion):
     """Localization Distillation: Main LD, VLR LD, Main KD and VLR KD (see the module docstring).
 
     Args:
@@ -145,6 +88,10 @@ class LD(Distiller):
             whose loss scale to reproduce (``None``: this process's batch, the code as released).
         atss_topk: ATSS candidates per level for the VLR thresholds of heads not assigned by ATSS.
     """
+
+    name = "ld"
+    method = "LD"
+    supported_kinds = ("dense",)
 
     def __init__(
         self,
@@ -166,7 +113,7 @@ class LD(Distiller):
         images_per_gpu: int | None = None,
         atss_topk: int = 9,
     ):
-        check_teacher_student(student, teacher)
+        check_teacher_student(student, teacher, self.method)
         super().__init__(student, teacher)
         if variant not in LD_VARIANTS:
             raise ValueError(f"LD variant must be one of {LD_VARIANTS}, got {variant!r}")
@@ -187,7 +134,7 @@ class LD(Distiller):
                 raise ValueError(f"LD weight of {name} must be >= 0, got {w}")
             if not temperatures[name] > 0:
                 raise ValueError(f"LD temperature of {name} must be > 0, got {temperatures[name]}")
-        self.distill_weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
+        self.weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
         self.temperatures = {name: float(t) for name, t in temperatures.items()}
         self.variant = variant
         self.images_per_gpu = images_per_gpu
@@ -196,12 +143,13 @@ class LD(Distiller):
         self.vlr_exclude_positives = vlr_exclude_positives
         self.atss_topk = atss_topk
 
-    def distill_terms(self, student_out: DenseOutput, teacher_out: DenseOutput, targets: list[dict]) -> dict[str, Tensor]:
-        """Unweighted LD/KD terms of the enabled parts (keys of ``distill_weight_dict``)."""
-        check_corresponding_outputs(student_out, teacher_out)
-        if student_out.assignment is None:
-            raise ValueError("LD needs the student's label assignment: run the student with targets")
-        enabled = self.distill_weight_dict
+    def forward(self, student_out, teacher_out, targets: list[dict]) -> dict[str, Tensor]:
+        """Unweighted LD/KD terms of the enabled parts (keys of ``weight_dict``)."""
+        student_out = student_out.dense_slots(self.method, "student")
+        teacher_out = teacher_out.dense_slots(self.method, "teacher")
+        check_corresponding_slots(student_out, teacher_out, self.method, need_box_logits=True)
+        student_out.require("assignment", self.method, "student")
+        enabled = self.weight_dict
         official = self.variant == "official"
         # the official sums are per GPU: k-image chunks averaged (k / B); the code as released: 1
         chunk_scale = self.images_per_gpu / student_out.cls_logits.shape[0] if self.images_per_gpu else 1.0

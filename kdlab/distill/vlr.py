@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, distance_box_iou
 
 from kdlab.models.atss import atss_assign
-from kdlab.models.box_ops import diou
+from kdlab.models.box_ops import points_in_boxes
 from kdlab.models.outputs import DenseOutput
 
 VLR_WEIGHTINGS = ("mask", "iou")
@@ -107,7 +107,7 @@ def valuable_localization_region(
         return VLR(weight=zeros, matched_gt=torch.full(zeros.shape, -1, dtype=torch.long, device=anchors.device), iou=zeros)
     anchors, flat_gt, iou_thr = anchors.float(), gt_boxes.float().reshape(-1, 4), iou_thr.float()
     ious = box_iou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
-    dious = diou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
+    dious = distance_box_iou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
     thr = iou_thr[..., None, :]  # [..., 1, G]
     in_region = (dious >= alpha * thr) & (dious < thr)  # [..., N, G]
     # a location in several GTs' regions takes the GT with the highest IoU
@@ -136,9 +136,7 @@ def anchor_free_vlr(points: Tensor, gt_boxes: Tensor, pos_mask: Tensor, student_
     """
     if gt_boxes.shape[0] == 0:
         return points.new_zeros((points.shape[0],))
-    x, y = points[:, 0:1], points[:, 1:2]  # [N, 1]
-    inside_any = ((x > gt_boxes[:, 0]) & (x < gt_boxes[:, 2]) & (y > gt_boxes[:, 1]) & (y < gt_boxes[:, 3])).any(dim=1)
-    region = inside_any & ~pos_mask
+    region = points_in_boxes(points, gt_boxes).any(dim=1) & ~pos_mask
     score = student_cls_logits.detach().float().sigmoid().max(dim=1).values
     return torch.where(region, score, torch.zeros_like(score))
 

@@ -1,8 +1,8 @@
 """Build what a run trains from its :class:`~kdlab.config.TrainConfig`: data loaders and the task.
 
-``build_task`` returns a :class:`~kdlab.distill.base.DetectionTask` around the detector, or,
-when ``cfg.distill`` is set, the distiller from ``kdlab.distill.build_distiller`` with the
-teacher loaded from its exported checkpoint.
+``build_task`` returns a :class:`~kdlab.models.base.DetectionTask` around the detector, or, when
+``cfg.distill`` is set, the :class:`~kdlab.distill.DistillationTask` of ``kdlab.distill.build_distillation``
+with the teacher loaded from its exported checkpoint.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from kdlab.config import TrainConfig, load_config
 from kdlab.data import build_dataset, collate_fn
-from kdlab.distill.base import DetectionTask
+from kdlab.distill import build_distillation
 from kdlab.engine.checkpoint import CheckpointError, load_detector, safe_load
 from kdlab.engine.distributed import DistContext
 from kdlab.engine.sampler import ResumableBatchSampler
 from kdlab.models import build_detector
-from kdlab.models.base import Detector
+from kdlab.models.base import DetectionTask, Detector
 
 
 def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
@@ -78,17 +78,11 @@ def build_teacher(cfg: TrainConfig, num_classes: int) -> Detector:
 
 
 def build_task(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """What the engine trains: ``DetectionTask(student)``, or the distiller named ``cfg.distill``."""
+    """What the engine trains: ``DetectionTask(student)``, or the distillation named by ``cfg.distill``."""
     student = build_student(cfg, num_classes)
     if cfg.distill is None:
         return DetectionTask(student)
-    teacher = build_teacher(cfg, num_classes)
-    try:
-        from kdlab.distill import build_distiller
-    except ImportError:
-        raise ImportError(f"distill={cfg.distill!r} needs kdlab.distill.build_distiller, which this version "
-                          f"of kdlab does not have yet") from None
-    return build_distiller(cfg.distill, student, teacher, **cfg.distill_options)
+    return build_distillation(cfg.distill, student, build_teacher(cfg, num_classes), cfg.distill_options)
 
 
 def named_trainable_parameters(task: nn.Module) -> list[tuple[str, nn.Parameter]]:

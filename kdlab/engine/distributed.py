@@ -89,20 +89,6 @@ def cleanup_distributed(ctx: DistContext) -> None:
         dist.destroy_process_group()
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
-        dist.barrier()
-
-
-def broadcast_object(obj, ctx: DistContext, src: int = 0):
-    """``obj`` of rank ``src`` on every rank."""
-    if not ctx.distributed:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def seed_everything(seed: int, deterministic: bool, device: torch.device) -> None:
     """Seed Python, NumPy and torch; with ``deterministic``, pick deterministic kernels.
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from kdlab.distill.base import image_sizes_of
+from kdlab.data.transforms import image_sizes_of
 from kdlab.eval import coco_metrics
 from kdlab.models.base import Detector
 from kdlab.utils.dist import all_gather_object, get_rank, is_dist

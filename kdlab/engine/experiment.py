@@ -1,14 +1,34 @@
-"""Helpers shared by the experiment scripts (``experiments/*.py``): configs and cached, resumable runs."""
+"""Helpers shared by the experiment scripts (``experiments/*.py``): configs, cached runs, the
+compute-matched baseline, tables over seeds, publishing.
+
+Every script trains through :func:`run` (a finished identical run is reused, an interrupted one
+resumes), reports mean ± sample std over seeds (:func:`mean_std`, the bare value for one seed), and
+on a real run publishes ``experiments/results/<name>.{json,md}`` (:func:`publish`), which the
+notebooks read.
+
+**Compute-matched baseline.** A distilled step also runs the teacher's forward. The question a
+practitioner asks first is whether that compute would do better spent on the student itself:
+:func:`teacher_cost_ratio` measures ``r = t(teacher forward) / t(student step)`` on real batches,
+and :func:`compute_matched_config` trains the student alone for ``(1 + r)`` times the iterations,
+with its epochs and lr steps stretched by the same factor.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 
+import torch
+
 from kdlab.config import TrainConfig, load_config
+from kdlab.engine.checkpoint import atomic_save_json, load_detector
 from kdlab.engine.loop import train
+
+METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 
 
 def make_config(base: Path, fields: dict) -> TrainConfig:
@@ -37,3 +57,112 @@ def relative_to(path: Path | str, root: Path) -> str:
         return str(Path(path).resolve().relative_to(root.resolve()))
     except ValueError:
         return str(path)
+
+
+def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str, float]:
+    """COCO metrics of the teacher ``checkpoint`` on ``cfg``'s validation data (cached in ``cache``)."""
+    from kdlab.data import build_dataset
+    from kdlab.engine.build import build_loader
+    from kdlab.engine.distributed import DistContext, resolve_device
+    from kdlab.engine.evaluation import evaluate
+
+    stamp = checkpoint.stat().st_mtime
+    if cache.is_file() and json.loads(cache.read_text()).get("checkpoint_mtime") == stamp:
+        return json.loads(cache.read_text())["metrics"]
+    device = resolve_device(cfg.device)
+    dataset = build_dataset(cfg.data_root, cfg.val_split, train=False, min_size=cfg.min_size, max_size=cfg.max_size)
+    loader = build_loader(dataset, cfg, DistContext(0, 1, 0, device), train=False)
+    metrics = evaluate(load_detector(checkpoint, device), loader, device, amp=cfg.amp)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json({"checkpoint": str(checkpoint), "checkpoint_mtime": stamp, "metrics": metrics}, cache)
+    return metrics
+
+
+def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, rounds: int = 8, warmup: int = 2) -> float:
+    """``r = t(teacher forward) / t(student training step)``, medians over ``rounds`` interleaved
+    measurements on real training batches of ``student_cfg`` (this process's threads and device)."""
+    from kdlab.data import build_dataset
+    from kdlab.data.transforms import image_sizes_of
+    from kdlab.engine.build import build_loader, build_student
+    from kdlab.engine.distributed import DistContext, resolve_device
+    from kdlab.models.base import DetectionTask, weighted_total
+
+    device = resolve_device(student_cfg.device)
+    dataset = build_dataset(student_cfg.data_root, student_cfg.train_split, train=True, min_size=student_cfg.min_size,
+                            max_size=student_cfg.max_size, seed=student_cfg.seed)
+    loader = build_loader(dataset, dataclasses.replace(student_cfg, num_workers=0), DistContext(0, 1, 0, device), train=True)
+    torch.manual_seed(student_cfg.seed)
+    task = DetectionTask(build_student(student_cfg, dataset.num_classes)).to(device).train()
+    teacher = load_detector(teacher_checkpoint, device).eval()
+    optimizer = torch.optim.SGD(task.trainable_parameters(), lr=1e-6)
+    batches = iter(loader)
+    student_times, teacher_times = [], []
+    for step in range(warmup + rounds):
+        images, targets = next(batches)
+        images = images.to(device)
+        targets = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in t.items()} for t in targets]
+        start = time.perf_counter()
+        loss = weighted_total(task(images, targets), task.weight_dict)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _synchronize(device)
+        middle = time.perf_counter()
+        with torch.no_grad():
+            teacher(images, image_sizes_of(targets))
+        _synchronize(device)
+        if step >= warmup:
+            student_times.append(middle - start)
+            teacher_times.append(time.perf_counter() - middle)
+    return statistics.median(teacher_times) / statistics.median(student_times)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def compute_matched_config(cfg: TrainConfig, ratio: float, iters_per_epoch: int) -> TrainConfig:
+    """The student alone trained ``(1 + ratio)`` times as long as ``cfg``: iterations, epochs and lr
+    steps stretched by that factor (warm-up unchanged), nothing distilled.
+
+    Args:
+        cfg: the student's configuration (its distillation fields are cleared).
+        ratio: the teacher's forward cost per student step (:func:`teacher_cost_ratio`).
+        iters_per_epoch: batches per epoch of ``cfg``'s training set.
+    """
+    factor = 1.0 + ratio
+    total = round(factor * (cfg.max_iters or cfg.epochs * iters_per_epoch))
+    return dataclasses.replace(
+        cfg, distill=None, distill_options={}, teacher_checkpoint=None, teacher_config=None, max_iters=total,
+        epochs=math.ceil(total / iters_per_epoch), lr_steps=[round(factor * s) for s in cfg.lr_steps])
+
+
+def mean_std(runs: dict[int, dict[str, float]], metrics: tuple[str, ...] = METRICS) -> dict[str, tuple[float, float | None]]:
+    """``{metric: (mean, sample std)}`` in % over the seeds; the std is None for one seed (no spread
+    was measured, so none is claimed). An undefined metric (``None``) stays ``None``."""
+    cells = {}
+    for metric in metrics:
+        values = [100 * m[metric] for m in runs.values() if m.get(metric) is not None]
+        if not values:
+            cells[metric] = (None, None)
+            continue
+        cells[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+    return cells
+
+
+def cell(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` to one decimal, the bare value for a single seed, ``–`` when undefined."""
+    if mean is None:
+        return "–"
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def publish(results: dict, text: str, name: str, repo: Path) -> Path:
+    """Write ``experiments/results/<name>.{json,md}`` (tracked in git, read by the notebooks)."""
+    published = repo / "experiments" / "results"
+    published.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(results, published / f"{name}.json")
+    (published / f"{name}.md").write_text(text)
+    print(f"published to {published}/{name}.{{json,md}}")
+    return published

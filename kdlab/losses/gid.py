@@ -11,16 +11,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import box_iou
 
+from kdlab.losses.common import zero_with_grad
+from kdlab.models.box_ops import points_in_boxes
 from kdlab.utils.ragged import padded_layout
 
 MASK_RULES = ("anchor_iou", "center")
-
-
-def zero_with_grad(*tensors: Tensor) -> Tensor:
-    """A scalar 0 that still depends on ``tensors`` (DDP needs every parameter in the graph)."""
-    return sum(t.sum() * 0.0 for t in tensors)
 
 
 def gi_feature_loss(teacher_features: Tensor, student_features: Tensor,
@@ -192,46 +188,6 @@ def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_output
     return loss / torch.as_tensor(num_outputs).clamp(min=1)
 
 
-def anchor_iou_hits(anchors: Tensor, gi_boxes: Tensor, iou_threshold: float = 0.5) -> Tensor:
-    """``[N, K]`` bool: anchor ``r`` overlaps GI ``k`` with ``IoU >= iou_threshold``."""
-    return box_iou(anchors.float(), gi_boxes.float()) >= iou_threshold
-
-
-def anchor_iou_mask(anchors: Tensor, gi_boxes: Tensor, iou_threshold: float = 0.5) -> Tensor:
-    """Response mask of anchor-based heads (RetinaNet, RPN): ``max_k IoU(anchor_r, GI_k) >= threshold``.
-
-    Args:
-        anchors: ``[N, 4]`` xyxy anchors.
-        gi_boxes: ``[K, 4]`` GI boxes of one image.
-        iou_threshold: 0.5 (RetinaNet's positive threshold); 0.7 for the RPN.
-
-    Returns:
-        ``[N]`` bool.
-    """
-    return anchor_iou_hits(anchors, gi_boxes, iou_threshold).any(dim=1)
-
-
-def center_in_box_hits(points: Tensor, gi_boxes: Tensor) -> Tensor:
-    """``[N, K]`` bool: location ``r`` lies strictly inside GI ``k``."""
-    x, y = points[:, None, 0], points[:, None, 1]  # [N, 1]
-    return (x > gi_boxes[None, :, 0]) & (x < gi_boxes[None, :, 2]) & (y > gi_boxes[None, :, 1]) & (y < gi_boxes[None, :, 3])
-
-
-def center_in_box_mask(points: Tensor, gi_boxes: Tensor) -> Tensor:
-    """Response mask of FCOS: locations whose centre lies strictly inside some GI box.
-
-    ``mask_r = ∃k: x1_k < x_r < x2_k and y1_k < y_r < y2_k`` (FCOS's own "inside the box" test).
-
-    Args:
-        points: ``[N, 2]`` location centres ``(x, y)``.
-        gi_boxes: ``[K, 4]`` GI boxes of one image.
-
-    Returns:
-        ``[N]`` bool.
-    """
-    return center_in_box_hits(points, gi_boxes).any(dim=1)
-
-
 def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor], rule: str,
                   iou_threshold: float) -> Tensor:
     """Distillation mask ``[B, N]`` bool: the slots tied to some GI by the detector's own rule.
@@ -258,8 +214,8 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
     # every image against its own GIs only, padded to the same count: [B, K, 4] and [B, K] valid
     all_boxes = torch.cat(gi_boxes).float()
     boxes = all_boxes.new_zeros(batch * width, 4).index_copy(0, slot, all_boxes).view(batch, width, 4)
-    gx1, gy1, gx2, gy2 = (boxes[..., i][:, None, :] for i in range(4))  # [B, 1, K] each
     if rule == "anchor_iou":
+        gx1, gy1, gx2, gy2 = (boxes[..., i][:, None, :] for i in range(4))  # [B, 1, K] each
         # IoU >= t  <=>  inter (1 + t) >= t (area_a + area_g) when inter > 0: no division; one
         # contiguous [B, N, K] tensor per step
         ax1, ay1, ax2, ay2 = (anchors[:, i].float()[None, :, None] for i in range(4))  # [1, N, 1] each
@@ -268,6 +224,5 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
         areas = (ax2 - ax1) * (ay2 - ay1) + (gx2 - gx1) * (gy2 - gy1)  # [B, N, K]
         hits = (inter * (1.0 + iou_threshold) >= iou_threshold * areas) & (inter > 0)
     else:
-        x, y = points[:, 0].float()[None, :, None], points[:, 1].float()[None, :, None]  # [1, N, 1]
-        hits = (x > gx1) & (x < gx2) & (y > gy1) & (y < gy2)
+        hits = points_in_boxes(points.float()[None], boxes)  # [B, N, K]
     return (hits & valid[:, None, :]).any(dim=2)  # [B, N]: some GI of that image hits the slot

@@ -7,10 +7,12 @@ import inspect
 from kdlab.models.base import Criterion, Detector, weighted_total
 from kdlab.models.gfl import GFL
 from kdlab.models.outputs import DenseAssignment, DenseOutput
-from kdlab.models.zoo import ZOO_BUILDERS
+from kdlab.models.students import STUDENT_BUILDERS
+from kdlab.models.torchvision_models import TORCHVISION_BUILDERS
 
-# name -> class or builder taking (num_classes, **options): GFL, then the torchvision-based zoo
-DETECTORS = {"gfl": GFL, **ZOO_BUILDERS}
+# name -> class or builder taking (num_classes, **options): kdlab's GFL, kdlab's configurable students,
+# torchvision's detectors under torchvision's names
+DETECTORS = {"gfl": GFL, **STUDENT_BUILDERS, **TORCHVISION_BUILDERS}
 
 
 def build_detector(name: str, num_classes: int, **options) -> Detector:

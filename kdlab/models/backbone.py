@@ -11,10 +11,11 @@ from collections import OrderedDict
 
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
-from kdlab.models.zoo_weights import load_weights_state_dict
+from kdlab.models.layers import norm_layer_factory
+from kdlab.models.weights import load_weights_state_dict
 
 RESNET_SPECS = {
     "resnet18": (tv_resnet.BasicBlock, [2, 2, 2, 2]),
@@ -22,22 +23,6 @@ RESNET_SPECS = {
     "resnet50": (tv_resnet.Bottleneck, [3, 4, 6, 3]),
     "resnet101": (tv_resnet.Bottleneck, [3, 4, 23, 3]),
 }
-
-
-def group_norm(num_channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or fewer (channels / 4) for narrow layers."""
-    return nn.GroupNorm(min(32, max(1, num_channels // 4)), num_channels)
-
-
-def norm_layer_factory(norm: str):
-    """``"frozen_bn"`` (pretrained backbones), ``"bn"``, ``"gn"`` (per-sample: DDP == big batch)."""
-    if norm == "frozen_bn":
-        return FrozenBatchNorm2d
-    if norm == "bn":
-        return nn.BatchNorm2d
-    if norm == "gn":
-        return group_norm
-    raise ValueError(f"backbone_norm must be 'frozen_bn', 'bn' or 'gn', got {norm!r}")
 
 
 class ResNetBody(nn.Module):

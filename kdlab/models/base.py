@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from kdlab.data.transforms import image_sizes_of
+
 
 class Criterion(nn.Module):
     """Detection loss. ``forward(output, targets) -> {name: unweighted scalar}``.
@@ -34,9 +36,15 @@ class Criterion(nn.Module):
 
 
 class Detector(nn.Module):
-    """Base class of kdlab detectors (see the module docstring for the contract)."""
+    """Base class of kdlab detectors (see the module docstring for the contract).
+
+    ``output_kind`` says which output class ``forward`` returns: ``"dense"``
+    (:class:`~kdlab.models.outputs.DenseOutput`), ``"two_stage"`` or ``"set"``; distillation
+    methods check it when they are built.
+    """
 
     num_classes: int
+    output_kind: str = "dense"
 
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None):  # pragma: no cover
         raise NotImplementedError
@@ -62,3 +70,38 @@ def weighted_total(terms: dict[str, Tensor], weight_dict: dict[str, float]) -> T
     if total is None:  # every weight is zero: keep the graph connected for DDP
         total = sum(v * 0.0 for v in terms.values())
     return total
+
+
+class DetectionTask(nn.Module):
+    """What the engine trains when nothing is distilled: a detector on its own detection loss.
+
+    The engine trains any module with this interface (``kdlab.distill.DistillationTask`` adds a
+    frozen teacher and distillation terms):
+
+    - ``forward(images, targets) -> {name: unweighted scalar loss}``,
+    - ``weight_dict``: how each term is weighted (every term is logged both ways),
+    - ``student``: the detector being trained (the exported checkpoint holds it alone),
+    - ``trainable_parameters()`` / ``trainable_state_dict()``: what the optimiser updates and what
+      a resumable checkpoint saves.
+    """
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.student = detector
+        self.criterion = detector.build_criterion()
+
+    @property
+    def weight_dict(self) -> dict[str, float]:
+        return dict(self.criterion.weight_dict)
+
+    def forward(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
+        return self.criterion(self.student(images, image_sizes_of(targets), targets), targets)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return self.state_dict()
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.load_state_dict(state)

@@ -1,4 +1,8 @@
-"""Box helpers not in ``torchvision.ops``: aligned IoU and the point <-> (l, t, r, b) encoding."""
+"""Box geometry not in ``torchvision.ops``: aligned IoU, point-in-box tests, the point <-> (l, t, r, b) encoding.
+
+Everything torchvision has (``box_iou``, ``distance_box_iou``, ``generalized_box_iou``, ``box_convert``,
+``clip_boxes_to_image``, ``remove_small_boxes``) is used from ``torchvision.ops`` directly.
+"""
 
 from __future__ import annotations
 
@@ -47,18 +51,13 @@ def bbox2distance(points: Tensor, boxes: Tensor, max_distance: float | None = No
     return ltrb
 
 
-def diou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
-    """Pairwise Distance-IoU ``IoU - d^2 / c^2`` -> ``[N, M]`` (d: centre distance, c: enclosing diagonal).
+def points_in_boxes(points: Tensor, boxes: Tensor) -> Tensor:
+    """Whether each point lies strictly inside each box: ``x1 < x < x2`` and ``y1 < y < y2``.
 
-    LD's valuable localization region is defined with the DIoU of every anchor with each GT.
+    Broadcasts over leading dimensions: ``points`` ``[..., N, 2]`` and ``boxes`` ``[..., K, 4]``
+    (xyxy) give ``[..., N, K]`` bool. A point on an edge is outside (FCOS's "inside the box" test,
+    used for inside-GT imitation, the anchor-free VLR and GID's response mask of FCOS).
     """
-    from torchvision.ops import box_iou
-
-    iou = box_iou(boxes1, boxes2)
-    c1 = (boxes1[:, None, :2] + boxes1[:, None, 2:]) / 2
-    c2 = (boxes2[None, :, :2] + boxes2[None, :, 2:]) / 2
-    centre_dist2 = ((c1 - c2) ** 2).sum(-1)
-    lt = torch.minimum(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.maximum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    diag2 = ((rb - lt) ** 2).sum(-1)
-    return iou - centre_dist2 / (diag2 + eps)
+    x, y = points[..., :, None, 0], points[..., :, None, 1]  # [..., N, 1]
+    x1, y1, x2, y2 = (boxes[..., None, :, i] for i in range(4))  # [..., 1, K]
+    return (x > x1) & (x < x2) & (y > y1) & (y < y2)

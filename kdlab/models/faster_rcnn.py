@@ -27,9 +27,13 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 from torchvision.ops import box_iou
 
 from kdlab.models.base import Criterion, Detector
-from kdlab.models.faster_rcnn_outputs import RoIAssignment, RPNAssignment, TwoStageOutput
+from kdlab.models.common import batch_anchors, check_batch, normalise_image_sizes
+from kdlab.models.faster_rcnn_outputs import (
+    RoIAssignment,
+    RPNAssignment,
+    TwoStageOutput,
+)
 from kdlab.models.retinanet import _check_columns
-from kdlab.models.zoo_common import batch_anchors, check_batch, normalise_image_sizes
 from kdlab.utils.dist import reduce_normalizer
 
 
@@ -49,6 +53,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
             ``rpn_head``, ``box_head``, ``box_roi_pool``, ``rpn_*`` / ``box_*`` thresholds and
             sample sizes, ``min_size`` / ``max_size`` ...).
     """
+
+    output_kind = "two_stage"
 
     def __init__(
         self,
@@ -140,6 +146,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
             gt_labels=[t["labels"] for t in targets] if targets is not None else None,
             rpn_assignment=rpn_assignment,
             roi_assignment=roi_assignment,
+            rpn_box_coder_weights=tuple(self.rpn.box_coder.weights),
+            rpn_positive_iou=float(self.rpn.proposal_matcher.high_threshold),
         )
 
     @torch.no_grad()

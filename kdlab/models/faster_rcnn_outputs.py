@@ -12,9 +12,16 @@ label space, e.g. COCO weights, whose label 0 is the background slot).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
 
+import torch
 from torch import Tensor
+from torchvision.models.detection._utils import BoxCoder
+
+from kdlab.models.outputs import DenseOutput, DetectorOutput
 
 
 @dataclass
@@ -53,8 +60,12 @@ class RoIAssignment:
 
 
 @dataclass
-class TwoStageOutput:
+class TwoStageOutput(DetectorOutput):
     """Faster R-CNN's internals for one batch.
+
+    Its dense stage is the RPN: :meth:`dense_slots` presents the RPN's anchors, objectness (one
+    class) and deltas as a :class:`~kdlab.models.outputs.DenseOutput`, which is what GID distils
+    for two-stage detectors (METHODS.md §2).
 
     Attributes:
         features: FPN maps ``[B, C_fpn, H_l, W_l]`` (P2 ... P5 and the max-pooled P6 used by
@@ -77,7 +88,11 @@ class TwoStageOutput:
         label_offset: kdlab label ``l`` is class column ``l + label_offset``.
         gt_boxes, gt_labels: per image targets (kdlab labels) when the forward had targets.
         rpn_assignment, roi_assignment: present when the forward had targets.
+        rpn_box_coder_weights: the RPN's ``BoxCoder`` weights (torchvision's ``(1, 1, 1, 1)``).
+        rpn_positive_iou: the RPN's positive IoU threshold (0.7), its own rule for a slot and a box.
     """
+
+    kind: ClassVar[str] = "two_stage"
 
     features: list[Tensor]
     feature_names: list[str]
@@ -99,24 +114,55 @@ class TwoStageOutput:
     gt_labels: list[Tensor] | None = None
     rpn_assignment: RPNAssignment | None = None
     roi_assignment: RoIAssignment | None = None
+    rpn_box_coder_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    rpn_positive_iou: float = 0.7
 
     @property
     def rois_per_image(self) -> list[int]:
         return [len(r) for r in self.rois]
 
-    def detach(self) -> "TwoStageOutput":
-        """A copy whose tensors are detached (used for the teacher's output)."""
-        kwargs = {f.name: _detach(getattr(self, f.name)) for f in fields(self)}
-        for name in ("rpn_assignment", "roi_assignment"):
-            value = kwargs[name]
-            if value is not None:
-                kwargs[name] = type(value)(**{f.name: _detach(getattr(value, f.name)) for f in fields(value)})
-        return TwoStageOutput(**kwargs)
+    @property
+    def detector_name(self) -> str:
+        return "Faster R-CNN (two-stage)"
+
+    @property
+    def feature_strides(self) -> list[int]:
+        """Stride of each map, inferred as torchvision's ``MultiScaleRoIAlign`` does:
+        ``2^round(log2(image side / map side))`` with the largest unpadded image height."""
+        max_height = max(h for h, _ in self.image_sizes)
+        return [2 ** round(math.log2(max_height / f.shape[-2])) for f in self.features]
+
+    def dense_slots(self, method: str = "this method", who: str = "model") -> DenseOutput:
+        """The RPN as a dense detector: ``cls_logits`` ``[B, A, 1]`` objectness, ``box_regression``
+        its deltas, ``pred_boxes`` every anchor's decoded box, the anchors with their levels."""
+        return self._rpn_slots
+
+    @cached_property
+    def _rpn_slots(self) -> DenseOutput:
+        strides = torch.tensor(self.feature_strides, dtype=self.anchors.dtype, device=self.anchors.device)
+        return DenseOutput(
+            features=self.features, cls_logits=self.rpn_objectness[..., None], box_regression=self.rpn_deltas,
+            pred_boxes=decode_rpn_boxes(self.rpn_deltas, self.anchors, self.rpn_box_coder_weights),
+            points=(self.anchors[:, :2] + self.anchors[:, 2:]) / 2, anchors=self.anchors,
+            strides=strides[self.anchor_levels], levels=self.anchor_levels,
+            num_per_level=list(self.num_anchors_per_level), image_sizes=self.image_sizes,
+            assign_rule=("anchor_iou", self.rpn_positive_iou), source="Faster R-CNN's RPN",
+        )
 
 
-def _detach(value):
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v) for v in value)
-    return value
+def decode_rpn_boxes(rpn_deltas: Tensor, anchors: Tensor, weights=(1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Every anchor's RPN box (the proposal before top-k and NMS), in float32.
+
+    ``cx = cx_a + dx w_a``, ``w = w_a exp(dw)`` (same for y, h): torchvision's ``BoxCoder`` with
+    the RPN's weights.
+
+    Args:
+        rpn_deltas: ``[B, A, 4]`` RPN deltas.
+        anchors: ``[A, 4]`` xyxy anchors, the same for every image.
+
+    Returns:
+        ``[B, A, 4]`` xyxy boxes.
+    """
+    batch, num_anchors, _ = rpn_deltas.shape
+    flat = BoxCoder(weights=weights).decode_single(rpn_deltas.float().reshape(-1, 4), anchors.float().repeat(batch, 1))
+    return flat.view(batch, num_anchors, 4)

@@ -25,14 +25,19 @@ from torchvision.models.detection import fcos as tv_fcos
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from kdlab.models.base import Criterion, Detector
-from kdlab.models.outputs import DenseAssignment, DenseOutput
-from kdlab.models.retinanet import _check_columns, _take_conv_outputs, gather_matched_gt_boxes, require_assignment
-from kdlab.models.zoo_common import (
+from kdlab.models.common import (
     batch_anchors,
     check_batch,
     normalise_image_sizes,
     postprocess_dense,
     slot_layout,
+)
+from kdlab.models.outputs import DenseAssignment, DenseOutput
+from kdlab.models.retinanet import (
+    _check_columns,
+    _take_conv_outputs,
+    gather_matched_gt_boxes,
+    require_assignment,
 )
 from kdlab.utils.dist import reduce_normalizer
 
@@ -95,6 +100,8 @@ class FCOS(tv_fcos.FCOS, Detector):
             centerness=centerness,
             assignment=self.assign(anchor_boxes, layout.num_per_level, targets) if targets is not None else None,
             extras={"anchor_boxes": anchor_boxes},
+            assign_rule=("center", 0.0),
+            source=type(self).__name__,
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -142,18 +149,7 @@ class FCOS(tv_fcos.FCOS, Detector):
             best_score, match = score.max(dim=1)
             match[best_score < 1e-5] = -1
             matches.append(match)
-        matched_gt = torch.stack(matches)  # [B, N]
-        pos_mask = matched_gt >= 0
-        labels = torch.full_like(matched_gt, self.num_classes)
-        for i, target in enumerate(targets):
-            labels[i, pos_mask[i]] = target["labels"][matched_gt[i, pos_mask[i]]]
-        return DenseAssignment(
-            labels=labels,
-            matched_gt=matched_gt,
-            pos_mask=pos_mask,
-            gt_boxes=[t["boxes"] for t in targets],
-            gt_labels=[t["labels"] for t in targets],
-        )
+        return DenseAssignment.from_matches(torch.stack(matches), targets, self.num_classes)  # [B, N]
 
     @torch.no_grad()
     def postprocess(self, output: DenseOutput) -> list[dict[str, Tensor]]:

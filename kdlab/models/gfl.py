@@ -13,36 +13,16 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from kdlab.losses.gfl import integral
 from kdlab.models.atss import atss_assign
-from kdlab.models.backbone import ResNetFPN, group_norm
+from kdlab.models.backbone import ResNetFPN
 from kdlab.models.base import Detector
 from kdlab.models.box_ops import distance2bbox
+from kdlab.models.common import postprocess_dense
+from kdlab.models.layers import Scale, conv_tower, group_norm
 from kdlab.models.outputs import DenseAssignment, DenseOutput
 from kdlab.models.priors import grid_priors
-
-
-class Scale(nn.Module):
-    """A learnable scalar per FPN level (multiplies the box logits, as in GFL/FCOS)."""
-
-    def __init__(self, value: float = 1.0):
-        super().__init__()
-        self.scale = nn.Parameter(torch.tensor(float(value)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.scale
-
-
-def conv_stack(channels: int, num_convs: int, use_gn: bool) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for _ in range(num_convs):
-        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=not use_gn)]
-        if use_gn:
-            layers.append(group_norm(channels))
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
 
 
 class GFLHead(nn.Module):
@@ -55,8 +35,10 @@ class GFLHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, num_convs: int = 4, reg_max: int = 16,
                  num_levels: int = 5, use_gn: bool = True, prior_prob: float = 0.01):
         super().__init__()
-        self.cls_convs = conv_stack(channels, num_convs, use_gn)
-        self.reg_convs = conv_stack(channels, num_convs, use_gn)
+        norm = group_norm if use_gn else None
+        # initialised below with the predictors (one pass over all convs: the seeded init of stored runs)
+        self.cls_convs = conv_tower(channels, num_convs, norm, init_std=None)
+        self.reg_convs = conv_tower(channels, num_convs, norm, init_std=None)
         self.gfl_cls = nn.Conv2d(channels, num_classes, 3, padding=1)
         self.gfl_reg = nn.Conv2d(channels, 4 * (reg_max + 1), 3, padding=1)
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(num_levels)])
@@ -147,7 +129,7 @@ class GFL(Detector):
         return DenseOutput(
             features=features, cls_logits=cls_logits, box_regression=ltrb, pred_boxes=pred_boxes,
             points=points, anchors=anchors, strides=strides, levels=levels, num_per_level=num_per_level,
-            image_sizes=list(image_sizes), box_logits=box_logits, assignment=assignment,
+            image_sizes=list(image_sizes), box_logits=box_logits, assignment=assignment, source="GFL",
         )
 
     @torch.no_grad()
@@ -178,33 +160,15 @@ class GFL(Detector):
 
     @torch.no_grad()
     def postprocess(self, output: DenseOutput) -> list[dict[str, Tensor]]:
-        """Score threshold, top-k per level, class-wise NMS and top-``detections_per_img`` per image.
+        """Per level the ``pre_nms_topk`` slots by max score, every (slot, class) above the score
+        threshold, class-wise NMS, the best ``detections_per_img`` (mmdet's GFL test pipeline).
 
         Scores are ``sigmoid(cls_logits)``: in GFL the class score *is* the localisation quality
         estimate (QFL), so no separate centre-ness or IoU branch multiplies it.
         """
-        results = []
-        scores_all = output.cls_logits.float().sigmoid()  # [B, N, C]
-        for b, (h, w) in enumerate(output.image_sizes):
-            boxes_kept, scores_kept, labels_kept = [], [], []
-            start = 0
-            for n_level in output.num_per_level:
-                scores = scores_all[b, start : start + n_level]  # [n, C]
-                boxes = output.pred_boxes[b, start : start + n_level].float()
-                start += n_level
-                max_scores = scores.max(dim=1).values
-                if n_level > self.pre_nms_topk:
-                    keep = max_scores.topk(self.pre_nms_topk).indices
-                    scores, boxes = scores[keep], boxes[keep]
-                slot, cls = (scores > self.score_thresh).nonzero(as_tuple=True)
-                boxes_kept.append(boxes[slot])
-                scores_kept.append(scores[slot, cls])
-                labels_kept.append(cls)
-            boxes = clip_boxes_to_image(torch.cat(boxes_kept), (h, w))
-            scores, labels = torch.cat(scores_kept), torch.cat(labels_kept)
-            keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
-            results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
-        return results
+        return postprocess_dense(output.cls_logits.float().sigmoid(), output.pred_boxes.float(), output.num_per_level,
+                                 output.image_sizes, self.score_thresh, self.pre_nms_topk, self.nms_thresh,
+                                 self.detections_per_img, candidates="slots")
 
     def build_criterion(self):
         from kdlab.models.gfl_criterion import GFLCriterion

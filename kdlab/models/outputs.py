@@ -1,5 +1,17 @@
 """Structured detector outputs: everything a distiller may need, in one typed place.
 
+Every output class implements :class:`DetectorOutput`, the small interface distillers read:
+
+- ``features`` (FPN maps, finest first) with ``feature_strides`` and ``image_sizes``;
+- ``dense_slots()``: the per-slot predictions of the detector's dense stage as a :class:`DenseOutput`
+  (one-stage detectors: the output itself; Faster R-CNN: its RPN);
+- ``require(name, method, who)``: a field a method needs, or one clear :class:`MissingOutputError`
+  naming the method, the model and the missing piece.
+
+A distiller never asks which detector produced an output. The kinds are ``"dense"``
+(:class:`DenseOutput`), ``"two_stage"`` (:class:`~kdlab.models.faster_rcnn_outputs.TwoStageOutput`)
+and ``"set"`` (DETR-style set prediction).
+
 Conventions shared by every dense detector in kdlab (GFL, RetinaNet, FCOS, ...):
 
 - ``B`` images per batch, ``N`` prediction slots per image, flattened over FPN levels in
@@ -13,10 +25,76 @@ Conventions shared by every dense detector in kdlab (GFL, RetinaNet, FCOS, ...):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+PIECES = {
+    "box_logits": "edge-distribution box logits (a GFL-style head: GFL, or RetinaNet/FCOS built with reg_max)",
+    "anchors": "anchor boxes (an anchor-based head; FCOS is anchor-free)",
+    "assignment": "the label assignment (run the detector with targets)",
+    "centerness": "centre-ness logits (FCOS)",
+    "dense_slots": "per-slot predictions of a dense stage (a one-stage head or an RPN)",
+}
+"""What each piece a method can require is, for the error message."""
+
+
+class MissingOutputError(ValueError):
+    """A detector's output lacks a piece that a distillation method reads."""
+
+
+class DetectorOutput:
+    """The interface every kdlab detector output offers to distillers (see the module docstring).
+
+    Subclasses are dataclasses with at least ``features`` and ``image_sizes``; they set ``kind``
+    and may override ``detector_name``, ``feature_strides`` and ``dense_slots``.
+    """
+
+    kind: ClassVar[str] = "?"
+
+    @property
+    def detector_name(self) -> str:
+        """What produced the output, for messages (e.g. ``"RetinaNet"``)."""
+        return type(self).__name__
+
+    @property
+    def feature_strides(self) -> list[int]:
+        """Stride of each map of ``features`` (in input pixels)."""
+        raise NotImplementedError
+
+    def dense_slots(self, method: str = "this method", who: str = "model") -> "DenseOutput":
+        """The per-slot predictions of the detector's dense stage (:class:`DenseOutput`)."""
+        raise MissingOutputError(f"{method} needs {PIECES['dense_slots']} from the {who}, but the {who}'s output "
+                                 f"({self.detector_name}) has none")
+
+    def require(self, name: str, method: str, who: str) -> Any:
+        """``getattr(self, name)``, or a :class:`MissingOutputError` naming ``method``, ``who`` and the piece."""
+        value = getattr(self, name, None)
+        if value is None:
+            piece = PIECES.get(name, name)
+            raise MissingOutputError(f"{method} needs {piece} from the {who}, but the {who}'s output "
+                                     f"({self.detector_name}) has no {name}")
+        return value
+
+    def detach(self):
+        """A copy whose tensors are detached (nested dataclasses, lists, tuples and dicts included)."""
+        return _detach(self)
+
+
+def _detach(value):
+    if isinstance(value, Tensor):
+        return value.detach()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _detach(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -47,9 +125,21 @@ class DenseAssignment:
     iou_thr: list[Tensor] | None = None
     ignore_mask: Tensor | None = None
 
+    @classmethod
+    def from_matches(cls, matched_gt: Tensor, targets: list[dict], num_classes: int, **extra) -> "DenseAssignment":
+        """The assignment of ``matched_gt`` ``[B, N]`` (GT index per slot, negative = none): each
+        positive slot takes its GT's label, the others ``num_classes``; ``extra`` sets optional fields."""
+        pos_mask = matched_gt >= 0
+        matched_gt = torch.where(pos_mask, matched_gt, torch.full_like(matched_gt, -1))
+        labels = torch.full_like(matched_gt, num_classes)
+        for i, target in enumerate(targets):
+            labels[i, pos_mask[i]] = target["labels"][matched_gt[i, pos_mask[i]]]
+        return cls(labels=labels, matched_gt=matched_gt, pos_mask=pos_mask, gt_boxes=[t["boxes"] for t in targets],
+                   gt_labels=[t["labels"] for t in targets], **extra)
+
 
 @dataclass
-class DenseOutput:
+class DenseOutput(DetectorOutput):
     """What one forward pass of a dense (one-stage) detector returns.
 
     Attributes:
@@ -71,7 +161,13 @@ class DenseOutput:
         centerness: ``[B, N]`` centre-ness logits (FCOS), else ``None``.
         assignment: the label assignment, present when the forward was given targets.
         extras: detector-specific tensors (documented by each detector).
+        assign_rule: the detector's own rule tying a slot to a box, as GID's response mask uses
+            it: ``("anchor_iou", t)`` (anchor IoU >= t) or ``("center", 0)`` (location inside);
+            ``None``: ``("anchor_iou", 0.5)`` with anchors, ``("center", 0)`` without.
+        source: what produced the output (for messages), e.g. ``"RetinaNet"``.
     """
+
+    kind: ClassVar[str] = "dense"
 
     features: list[Tensor]
     cls_logits: Tensor
@@ -87,26 +183,31 @@ class DenseOutput:
     centerness: Tensor | None = None
     assignment: DenseAssignment | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+    assign_rule: tuple[str, float] | None = None
+    source: str = "a dense detector"
 
     @property
     def num_slots(self) -> int:
         return self.cls_logits.shape[1]
 
-    def detach(self) -> "DenseOutput":
-        """A copy whose tensors are detached (used for the teacher's output)."""
-        kwargs = {}
-        for f in fields(self):
-            kwargs[f.name] = _detach(getattr(self, f.name))
-        return DenseOutput(**kwargs)
+    @property
+    def detector_name(self) -> str:
+        return self.source
 
+    @property
+    def feature_strides(self) -> list[int]:
+        """Stride of each FPN level, read from the first slot of each level."""
+        starts = [0]
+        for n in self.num_per_level[:-1]:
+            starts.append(starts[-1] + n)
+        return [int(self.strides[s]) for s in starts]
 
-def _detach(value):
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, list):
-        return [_detach(v) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v) for k, v in value.items()}
-    return value
+    @property
+    def response_rule(self) -> tuple[str, float]:
+        """``assign_rule``, or the rule implied by the slots (see the attribute)."""
+        if self.assign_rule is not None:
+            return self.assign_rule
+        return ("center", 0.0) if self.anchors is None else ("anchor_iou", 0.5)
+
+    def dense_slots(self, method: str = "this method", who: str = "model") -> "DenseOutput":
+        return self

@@ -26,8 +26,7 @@ from torchvision.ops import (
 )
 
 from kdlab.models.base import Criterion, Detector
-from kdlab.models.outputs import DenseAssignment, DenseOutput
-from kdlab.models.zoo_common import (
+from kdlab.models.common import (
     SlotLayout,
     batch_anchors,
     check_batch,
@@ -35,6 +34,7 @@ from kdlab.models.zoo_common import (
     postprocess_dense,
     slot_layout,
 )
+from kdlab.models.outputs import DenseAssignment, DenseOutput
 
 IOU_BOX_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
 
@@ -113,6 +113,8 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
             image_sizes=normalise_image_sizes(image_sizes),
             box_logits=box_logits,
             assignment=self.assign(anchors, targets) if targets is not None else None,
+            assign_rule=("anchor_iou", float(self.proposal_matcher.high_threshold)),
+            source=type(self).__name__,
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -148,18 +150,9 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
             matches.append(self.proposal_matcher(iou))  # GT index, -1 below 0.4, -2 between
             best_ious.append(iou.max(dim=0).values)  # a matched anchor's GT is its max-IoU GT
         match = torch.stack(matches)  # [B, N]
-        pos_mask = match >= 0
-        matched_gt = torch.where(pos_mask, match, torch.full_like(match, -1))
-        labels = torch.full_like(match, self.num_classes)
-        for i, target in enumerate(targets):
-            labels[i, pos_mask[i]] = target["labels"][match[i, pos_mask[i]]]
-        return DenseAssignment(
-            labels=labels,
-            matched_gt=matched_gt,
-            pos_mask=pos_mask,
-            gt_boxes=[t["boxes"] for t in targets],
-            gt_labels=[t["labels"] for t in targets],
-            ious=torch.where(pos_mask, torch.stack(best_ious), 0.0),
+        return DenseAssignment.from_matches(
+            match, targets, self.num_classes,
+            ious=torch.where(match >= 0, torch.stack(best_ious), 0.0),
             ignore_mask=match == self.proposal_matcher.BETWEEN_THRESHOLDS,
         )
 

@@ -18,10 +18,6 @@ def get_world_size() -> int:
     return dist.get_world_size() if is_dist() else 1
 
 
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over processes (identity in a single process).
 

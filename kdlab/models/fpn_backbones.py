@@ -16,16 +16,13 @@ For MobileNetV3, C2 ... C5 are the outputs of the blocks with strides 4, 8, 16 a
 
 from __future__ import annotations
 
-import math
-from functools import partial
-
 import torchvision
-from torch import nn
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
-from kdlab.models.backbone import RESNET_SPECS, ResNetBody, norm_layer_factory
-from kdlab.models.zoo_weights import load_weights_state_dict, resolve_weights
+from kdlab.models.backbone import RESNET_SPECS, ResNetBody
+from kdlab.models.layers import norm_layer_factory
+from kdlab.models.weights import load_weights_state_dict, resolve_weights
 
 MOBILENET_NAMES = ("mobilenet_v3_small", "mobilenet_v3_large")
 LEVEL_LAYOUTS = {"p3p7": (8, 16, 32, 64, 128), "p2p6": (4, 8, 16, 32, 64)}
@@ -98,14 +95,8 @@ def build_fpn_backbone(
 
 
 def _mobilenet_norm(norm: str):
-    """MobileNetV3's norm layer: torchvision's own BatchNorm (eps 1e-3) for ``"bn"``; GroupNorm
-    with ``gcd(32, channels)`` groups for ``"gn"`` (its widths, e.g. 72 or 240, are not multiples of 32)."""
+    """MobileNetV3's norm layer: torchvision's own BatchNorm (eps 1e-3) for ``"bn"``, else kdlab's
+    (``"gn"``: :func:`~kdlab.models.layers.group_norm`, whose group count divides MobileNet's widths)."""
     if norm == "bn":
         return None
-    if norm == "gn":
-        return partial(_group_norm_gcd, 32)
     return norm_layer_factory(norm)
-
-
-def _group_norm_gcd(max_groups: int, channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(max_groups, channels), channels)

@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from kdlab.distill.base import DetectionTask
+from kdlab.models.base import DetectionTask
 from kdlab.losses.gfl import integral
 from kdlab.models.base import weighted_total
-from kdlab.models.dist_heads import DistributionFCOS, DistributionRetinaNet, dfl_per_positive
+from kdlab.models.distribution_heads import DistributionFCOS, DistributionRetinaNet, dfl_per_positive
 from kdlab.models.outputs import DenseAssignment, DenseOutput
-from kdlab.models.zoo import ZOO_BUILDERS
+from kdlab.models import DETECTORS
 
 REG_MAX = 4
 
@@ -28,7 +28,7 @@ def one_thread():
 def tiny(name: str, **options):
     torch.manual_seed(0)
     defaults = dict(backbone="resnet18", backbone_width=8, fpn_channels=16, head_convs=1)
-    return ZOO_BUILDERS[name](3, **{**defaults, **options})
+    return DETECTORS[name](3, **{**defaults, **options})
 
 
 def batch():
@@ -93,7 +93,7 @@ def test_distribution_retinanet_rejects_delta_losses():
                                           ("retinanet", {"reg_max": REG_MAX}), ("fcos", {"reg_max": REG_MAX})])
 def test_a_few_steps_on_one_batch_lower_the_loss(name, options):
     if name == "faster_rcnn":
-        model = ZOO_BUILDERS[name](3, backbone="resnet18", backbone_width=8, fpn_channels=16, anchor_scale=4.0, **options)
+        model = DETECTORS[name](3, backbone="resnet18", backbone_width=8, fpn_channels=16, anchor_scale=4.0, **options)
     else:
         model = tiny(name, **options)
     task = DetectionTask(model).train()

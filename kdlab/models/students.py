@@ -1,4 +1,4 @@
-"""Configurable RetinaNet, FCOS and Faster R-CNN: the zoo's students (``retinanet``, ``fcos``, ``faster_rcnn``).
+"""kdlab's configurable RetinaNet, FCOS and Faster R-CNN (``retinanet``, ``fcos``, ``faster_rcnn``): the students.
 
 Same options as GFL's builder (``backbone``, ``backbone_width``, ``backbone_weights``,
 ``backbone_norm``, ``fpn_channels``, ``head_convs``, ``reg_max``) so that one YAML layout
@@ -12,32 +12,18 @@ on P3); Faster R-CNN's RPN uses ``anchor_scale * stride`` (torchvision: 8, i.e. 
 
 from __future__ import annotations
 
-import math
-
-from torch import nn
 from torchvision.models.detection import fcos as tv_fcos
 from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.misc import Conv2dNormActivation
 
-from kdlab.models.dist_heads import DistributionFCOS, DistributionRetinaNet
+from kdlab.models.distribution_heads import DistributionFCOS, DistributionRetinaNet
 from kdlab.models.faster_rcnn import FasterRCNN
 from kdlab.models.fcos import FCOS
+from kdlab.models.fpn_backbones import LEVEL_LAYOUTS, build_fpn_backbone
+from kdlab.models.layers import conv_tower, group_norm
 from kdlab.models.retinanet import RetinaNet
-from kdlab.models.zoo_backbones import LEVEL_LAYOUTS, build_fpn_backbone
-
-
-def head_group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm for head towers: 32 groups for torchvision's 256 channels, at least 4 channels a group.
-
-    ``gcd(min(32, channels // 4), channels)`` groups: 32 for 128 or 256 channels, 8 for the narrow
-    32-channel FPNs of the CPU students. One channel a group would normalise a single value on
-    P7 (1 x 1 for a 128-px image): training with one image a batch fails, and larger batches
-    lose every feature there.
-    """
-    return nn.GroupNorm(math.gcd(max(1, min(32, channels // 4)), channels), channels)
 
 
 def _backbone(levels, backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels):
@@ -45,17 +31,6 @@ def _backbone(levels, backbone, backbone_width, backbone_weights, backbone_norm,
         backbone_norm = "frozen_bn" if backbone_weights is not None else "gn"
     return build_fpn_backbone(backbone, backbone_width=backbone_width, backbone_norm=backbone_norm,
                               backbone_weights=backbone_weights, fpn_channels=fpn_channels, levels=levels)
-
-
-def _tower(channels: int, num_convs: int, norm_layer) -> nn.Sequential:
-    """``num_convs`` x (3x3 conv, norm, ReLU) initialised like torchvision's RetinaNet head."""
-    tower = nn.Sequential(*[Conv2dNormActivation(channels, channels, norm_layer=norm_layer) for _ in range(num_convs)])
-    for layer in tower.modules():
-        if isinstance(layer, nn.Conv2d):
-            nn.init.normal_(layer.weight, std=0.01)
-            if layer.bias is not None:
-                nn.init.zeros_(layer.bias)
-    return tower
 
 
 def retinanet(
@@ -85,7 +60,7 @@ def retinanet(
         fpn_channels: FPN and head width.
         head_convs: conv layers per head tower (4 in the paper).
         reg_max: ``None`` for torchvision's delta head; ``n`` for the distribution head
-            (:class:`~kdlab.models.dist_heads.DistributionRetinaNet`, ``4 (n + 1)`` logits).
+            (:class:`~kdlab.models.distribution_heads.DistributionRetinaNet`, ``4 (n + 1)`` logits).
         anchor_scale: anchor side / stride of the smallest of the 3 scales.
         box_loss: ``"giou"`` (v2) or ``"l1"`` (v1, delta head only).
         score_thresh, nms_thresh, detections_per_img: post-processing.
@@ -95,15 +70,15 @@ def retinanet(
     sizes = tuple(tuple(int(anchor_scale * s * 2 ** (k / 3)) for k in range(3)) for s in strides)
     anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
     num_anchors = anchor_generator.num_anchors_per_location()[0]
-    head = tv_retinanet.RetinaNetHead(fpn_channels, num_anchors, num_classes, norm_layer=head_group_norm)
-    head.classification_head.conv = _tower(fpn_channels, head_convs, head_group_norm)
-    head.regression_head.conv = _tower(fpn_channels, head_convs, head_group_norm)
+    head = tv_retinanet.RetinaNetHead(fpn_channels, num_anchors, num_classes, norm_layer=group_norm)
+    head.classification_head.conv = conv_tower(fpn_channels, head_convs, group_norm, blocks=True)
+    head.regression_head.conv = conv_tower(fpn_channels, head_convs, group_norm, blocks=True)
     options = dict(strides=strides, anchor_generator=anchor_generator, head=head, box_loss=box_loss,
                    score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
     if reg_max is None:
         return RetinaNet(body, num_classes, **options)
     return DistributionRetinaNet(body, num_classes, reg_max=reg_max, head_convs=head_convs,
-                                 head_norm_layer=head_group_norm, **options)
+                                 head_norm_layer=group_norm, **options)
 
 
 def fcos(
@@ -122,20 +97,20 @@ def fcos(
     """FCOS (torchvision's head: GroupNorm towers, centre-ness on the box tower) on any backbone.
 
     Args are those of :func:`retinanet`; ``reg_max`` gives
-    :class:`~kdlab.models.dist_heads.DistributionFCOS`. Post-processing: NMS 0.6 as torchvision,
+    :class:`~kdlab.models.distribution_heads.DistributionFCOS`. Post-processing: NMS 0.6 as torchvision,
     score threshold 0.05 as for COCO-style AP (torchvision's FCOS uses 0.2).
     """
     body = _backbone("p3p7", backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels)
     head = tv_fcos.FCOSHead(fpn_channels, 1, num_classes, num_convs=0)  # towers replaced below (any width)
     head.classification_head = tv_fcos.FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs,
-                                                              norm_layer=head_group_norm)
-    head.regression_head = tv_fcos.FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=head_group_norm)
+                                                              norm_layer=group_norm)
+    head.regression_head = tv_fcos.FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=group_norm)
     options = dict(strides=LEVEL_LAYOUTS["p3p7"], head=head, score_thresh=score_thresh, nms_thresh=nms_thresh,
                    detections_per_img=detections_per_img)
     if reg_max is None:
         return FCOS(body, num_classes, **options)
     return DistributionFCOS(body, num_classes, reg_max=reg_max, head_convs=head_convs,
-                            head_norm_layer=head_group_norm, **options)
+                            head_norm_layer=group_norm, **options)
 
 
 def faster_rcnn(
@@ -189,3 +164,7 @@ def faster_rcnn(
     # torchvision sizes its default predictor for 1024 features; match the box head's width
     model.roi_heads.box_predictor = FastRCNNPredictor(representation_size, num_classes + model.label_offset)
     return model
+
+
+STUDENT_BUILDERS = {"retinanet": retinanet, "fcos": fcos, "faster_rcnn": faster_rcnn}
+"""kdlab's configurable detector families (``build_detector`` dispatches to these)."""

@@ -136,12 +136,19 @@ def postprocess_dense(
     topk_candidates: int,
     nms_thresh: float,
     detections_per_img: int,
+    candidates: str = "pairs",
 ) -> list[dict[str, Tensor]]:
-    """Torchvision's dense-detector post-processing, from already decoded boxes.
+    """Dense-detector post-processing from decoded boxes: per-level candidates, clip, class-wise NMS.
 
-    Per image and level: keep scores above ``score_thresh``, the ``topk_candidates`` best
-    (slot, class) pairs; then clip to the image, class-wise NMS and keep the
-    ``detections_per_img`` best. Identical to ``RetinaNet/FCOS.postprocess_detections``, which
+    Per image and level, the candidates are
+
+    - ``candidates="pairs"`` (torchvision's RetinaNet/FCOS): the ``topk_candidates`` best
+      (slot, class) pairs scoring above ``score_thresh``;
+    - ``candidates="slots"`` (mmdet's GFL, ``nms_pre``): the ``topk_candidates`` slots with the
+      highest max class score, then each of their (slot, class) pairs above ``score_thresh``;
+
+    then the boxes are clipped to the image, class-wise NMS runs and the ``detections_per_img``
+    best are kept. With ``"pairs"`` this equals ``RetinaNet/FCOS.postprocess_detections``, which
     decode the kept boxes instead of indexing decoded ones (the same arithmetic per box).
 
     Args:
@@ -149,25 +156,36 @@ def postprocess_dense(
         pred_boxes: ``[B, N, 4]`` decoded xyxy boxes (input pixels).
         num_per_level: slots per level.
         image_sizes: ``(h, w)`` of each unpadded image.
+        candidates: ``"pairs"`` or ``"slots"`` (see above).
 
     Returns:
         per image ``{"boxes": [K, 4], "scores": [K], "labels": [K]}``.
     """
+    if candidates not in ("pairs", "slots"):
+        raise ValueError(f"candidates must be 'pairs' or 'slots', got {candidates!r}")
     num_classes = scores.shape[-1]
     detections = []
     for image_scores, image_boxes, image_size in zip(scores, pred_boxes, image_sizes):
         kept_boxes, kept_scores, kept_labels = [], [], []
         for level_scores, level_boxes in zip(image_scores.split(num_per_level), image_boxes.split(num_per_level)):
-            flat_scores = level_scores.flatten()
-            keep = flat_scores > score_thresh
-            flat_scores = flat_scores[keep]
-            flat_idx = torch.where(keep)[0]
-            flat_scores, order = flat_scores.topk(min(topk_candidates, flat_idx.numel()))
-            flat_idx = flat_idx[order]
-            slot_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")
+            if candidates == "slots":
+                if level_scores.shape[0] > topk_candidates:
+                    best = level_scores.max(dim=1).values.topk(topk_candidates).indices
+                    level_scores, level_boxes = level_scores[best], level_boxes[best]
+                slot_idx, labels = (level_scores > score_thresh).nonzero(as_tuple=True)
+                flat_scores = level_scores[slot_idx, labels]
+            else:
+                flat_scores = level_scores.flatten()
+                keep = flat_scores > score_thresh
+                flat_scores = flat_scores[keep]
+                flat_idx = torch.where(keep)[0]
+                flat_scores, order = flat_scores.topk(min(topk_candidates, flat_idx.numel()))
+                flat_idx = flat_idx[order]
+                slot_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")
+                labels = flat_idx % num_classes
             kept_boxes.append(box_ops.clip_boxes_to_image(level_boxes[slot_idx], tuple(image_size)))
             kept_scores.append(flat_scores)
-            kept_labels.append(flat_idx % num_classes)
+            kept_labels.append(labels)
         boxes, det_scores, labels = torch.cat(kept_boxes), torch.cat(kept_scores), torch.cat(kept_labels)
         keep = box_ops.batched_nms(boxes, det_scores, labels, nms_thresh)[:detections_per_img]
         detections.append({"boxes": boxes[keep], "scores": det_scores[keep], "labels": labels[keep]})

@@ -18,17 +18,21 @@ strides clamped to ``[0, n - 0.01]``, averaged over the four edges.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
 from kdlab.losses.gfl import distribution_focal_loss, integral
 from kdlab.models.box_ops import bbox2distance, distance2bbox
+from kdlab.models.common import SlotLayout
 from kdlab.models.fcos import FCOS, FCOSCriterion
+from kdlab.models.layers import conv_tower, group_norm
 from kdlab.models.outputs import DenseOutput
-from kdlab.models.retinanet import RetinaNet, RetinaNetCriterion, gather_matched_gt_boxes, require_assignment
-from kdlab.models.zoo_common import SlotLayout
+from kdlab.models.retinanet import (
+    RetinaNet,
+    RetinaNetCriterion,
+    gather_matched_gt_boxes,
+    require_assignment,
+)
 from kdlab.utils.dist import reduce_normalizer
 
 
@@ -47,13 +51,7 @@ class DistributionBoxHead(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int, reg_max: int, num_convs: int = 4,
                  norm_layer=None, with_centerness: bool = False):
         super().__init__()
-        layers: list[nn.Module] = []
-        for _ in range(num_convs):
-            layers.append(nn.Conv2d(in_channels, in_channels, 3, padding=1, bias=norm_layer is None))
-            if norm_layer is not None:
-                layers.append(norm_layer(in_channels))
-            layers.append(nn.ReLU(inplace=True))
-        self.conv = nn.Sequential(*layers)
+        self.conv = conv_tower(in_channels, num_convs, norm_layer, init_std=None)  # initialised below, with the predictors
         self.reg_max = reg_max
         self.num_anchors = num_anchors
         self.bbox_dist = nn.Conv2d(in_channels, num_anchors * 4 * (reg_max + 1), 3, padding=1)
@@ -145,14 +143,14 @@ class DistributionFCOS(FCOS):
         reg_max: largest edge distance ``n`` in strides (FCOS's regression range tops at
             ``8 s`` per level, except the last level; 16 covers it).
         head_convs: conv layers of the box tower.
-        head_norm_layer: norm of the box tower (default GroupNorm(32), as torchvision's FCOS).
+        head_norm_layer: norm of the box tower (default :func:`~kdlab.models.layers.group_norm`).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, *, reg_max: int = 16, head_convs: int = 4,
                  head_norm_layer=None, **kwargs):
         super().__init__(backbone, num_classes, **kwargs)
         self.reg_max = reg_max
-        norm = head_norm_layer if head_norm_layer is not None else (lambda c: nn.GroupNorm(math.gcd(32, c), c))
+        norm = head_norm_layer if head_norm_layer is not None else group_norm
         self.head.regression_head = DistributionBoxHead(
             backbone.out_channels, 1, reg_max, head_convs, norm, with_centerness=True
         )

@@ -1,18 +1,16 @@
-"""Named builders of the detector zoo (:data:`ZOO_BUILDERS`, merged into ``build_detector``).
+"""Torchvision's detectors under torchvision's names (:data:`TORCHVISION_BUILDERS`, in ``build_detector``).
 
-Two kinds:
-
-- **torchvision's names** (``retinanet_resnet50_fpn``, ``retinanet_resnet50_fpn_v2``,
+ (``retinanet_resnet50_fpn``, ``retinanet_resnet50_fpn_v2``,
   ``fcos_resnet50_fpn``, ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_resnet50_fpn_v2``,
   ``fasterrcnn_mobilenet_v3_large_fpn``, ``fasterrcnn_mobilenet_v3_large_320_fpn``): the same
   modules as torchvision's builder of that name, hence the same ``state_dict``, and
   ``weights="COCO_V1"`` loads torchvision's COCO weights in one call. Differences from
   torchvision: ``backbone_weights`` defaults to ``None`` (torchvision downloads ImageNet
-  weights by default), files are read from the cache first (see :mod:`kdlab.models.zoo_weights`),
+  weights by default), files are read from the cache first (see :mod:`kdlab.models.weights`),
   and the COCO models speak torchvision's 91-slot COCO label space (label = category id).
-- **configurable students** (``retinanet``, ``fcos``, ``faster_rcnn``): any ResNet width or
-  MobileNetV3, narrow FPN and heads, from scratch (GroupNorm) or from ImageNet weights;
-  ``reg_max`` turns RetinaNet/FCOS into their distribution-head variants for LD.
+
+kdlab's configurable students of the same families (any width, narrow FPN and heads) are in
+:mod:`kdlab.models.students`.
 """
 
 from __future__ import annotations
@@ -39,8 +37,11 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from kdlab.models.faster_rcnn import FasterRCNN
 from kdlab.models.fcos import FCOS
 from kdlab.models.retinanet import RetinaNet
-from kdlab.models.zoo_students import faster_rcnn, fcos, retinanet
-from kdlab.models.zoo_weights import COCO91_CLASS_NAMES, load_weights_state_dict, resolve_weights
+from kdlab.models.weights import (
+    COCO91_CLASS_NAMES,
+    load_weights_state_dict,
+    resolve_weights,
+)
 
 
 def _check_options(name: str, options: dict, torchvision_class: type) -> None:
@@ -206,10 +207,7 @@ def fasterrcnn_mobilenet_v3_large_320_fpn(num_classes: int | None = None, weight
                                  trainable_backbone_layers, torchvision_labels, defaults, detector_options)
 
 
-ZOO_BUILDERS = {
-    "retinanet": retinanet,
-    "fcos": fcos,
-    "faster_rcnn": faster_rcnn,
+TORCHVISION_BUILDERS = {
     "retinanet_resnet50_fpn": retinanet_resnet50_fpn,
     "retinanet_resnet50_fpn_v2": retinanet_resnet50_fpn_v2,
     "fcos_resnet50_fpn": fcos_resnet50_fpn,
@@ -218,4 +216,4 @@ ZOO_BUILDERS = {
     "fasterrcnn_mobilenet_v3_large_fpn": fasterrcnn_mobilenet_v3_large_fpn,
     "fasterrcnn_mobilenet_v3_large_320_fpn": fasterrcnn_mobilenet_v3_large_320_fpn,
 }
-"""Detector name -> builder ``(num_classes, **options)``; ``kdlab.models.build_detector`` dispatches to these."""
+"""Torchvision's builder name -> kdlab builder ``(num_classes, **options)`` (``build_detector`` dispatches to these)."""
