@@ -196,7 +196,7 @@ def image_files(paths: list[Path]) -> list[Path]:
 
 def run_predict(args: argparse.Namespace) -> int:
     from kdlab.data import read_rgb
-    from kdlab.engine.predict import coco_detections
+    from kdlab.engine.inference import coco_detections
     from kdlab.viz import draw_on_image
 
     files = image_files(args.images)

@@ -452,7 +452,7 @@ def test_detector_predict_equals_the_evaluation_pipeline_in_original_pixels(tmp_
     from PIL import Image
 
     from kdlab.data import make_shapes
-    from kdlab.engine.predict import as_image_tensor
+    from kdlab.engine.inference import as_image_tensor
     from kdlab.models import build_detector
 
     make_shapes(tmp_path / "s", num_train=0, num_val=1, image_size=128)
@@ -483,3 +483,13 @@ def test_detector_predict_equals_the_evaluation_pipeline_in_original_pixels(tmp_
         teacher.predict(picture, min_size=128, max_size=128)
     with pytest.raises(ValueError, match=r"float image tensor must hold values in \[0, 1\]"):
         teacher.predict([as_uint8.float()], min_size=128, max_size=128)
+
+
+def test_engine_predict_stays_the_batch_function_after_detector_predict():
+    import kdlab.engine
+    from kdlab.engine.evaluation import predict as batch_predict
+    from kdlab.models import build_detector
+
+    build_detector("gfl", 2, backbone="resnet18", backbone_width=8, fpn_channels=16, head_convs=1).predict(
+        [torch.zeros(3, 32, 32)], min_size=32, max_size=32)  # imports the inference module lazily
+    assert kdlab.engine.predict is batch_predict  # not shadowed by a submodule of the same name

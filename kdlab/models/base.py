@@ -50,10 +50,10 @@ class Detector(nn.Module):
     def predict(self, images: list, *, score_thresh: float = 0.0, **resize) -> list[dict[str, Tensor]]:
         """Detections of a list of images (PIL, ``[3, H, W]`` tensors or paths) in their own pixels.
 
-        See :func:`kdlab.engine.predict.predict_images` (``resize``: ``min_size``, ``max_size``,
+        See :func:`kdlab.engine.inference.predict_images` (``resize``: ``min_size``, ``max_size``,
         ``size_divisor``, by default those the detector was trained with).
         """
-        from kdlab.engine.predict import predict_images  # the engine imports the models, not the reverse
+        from kdlab.engine.inference import predict_images  # the engine imports the models, not the reverse
 
         return predict_images(self, images, score_thresh=score_thresh, **resize)
 
