@@ -84,22 +84,28 @@ def _text_height(ax: Axes, fontsize: float) -> float:
 
 def draw_on_image(image, detections: dict, class_names: Sequence[str], *, line_width: int | None = None):
     """A copy of the PIL ``image`` with ``detections`` (``boxes`` xyxy in its pixels, ``scores``,
-    ``labels``) drawn as class-coloured boxes captioned ``class score``."""
+    ``labels``) drawn as class-coloured boxes captioned ``class score`` (captions stacked, never overlapping)."""
     from PIL import ImageDraw
 
     image = image.convert("RGB").copy()
     draw = ImageDraw.Draw(image)
     width = line_width or max(1, round(max(image.size) / 300))
-    for box, score, label in zip(detections["boxes"].tolist(), detections["scores"].tolist(),
-                                 detections["labels"].tolist()):
-        colour = tuple(int(255 * v) for v in PALETTE[int(label) % len(PALETTE)])
+    boxes, labels = detections["boxes"].tolist(), detections["labels"].tolist()
+    colours = [tuple(int(255 * v) for v in PALETTE[int(label) % len(PALETTE)]) for label in labels]
+    for box, colour in zip(boxes, colours):
         draw.rectangle(box, outline=colour, width=width)
+    placed: list[tuple[float, float, float, float]] = []
+    for box, score, label, colour in zip(boxes, detections["scores"].tolist(), labels, colours):
         caption = f"{class_names[int(label)]} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), caption)
-        lift = bottom - top + 2
-        y = box[1] - lift if box[1] - lift >= 0 else box[1]
-        draw.rectangle((box[0], y, box[0] + right - left + 2, y + lift), fill=colour)
-        draw.text((box[0] + 1, y), caption, fill="white")
+        left, top, right, bottom = draw.textbbox((0, 0), caption)
+        text_width, text_height = right - left + 2, bottom - top + 3
+        x = max(0.0, min(box[0], image.width - text_width))
+        y = box[1] - text_height if box[1] - text_height >= 0 else box[1]  # above the box, else inside it
+        while any(x < px2 and px1 < x + text_width and y < py2 and py1 < y + text_height for px1, py1, px2, py2 in placed):
+            y += text_height  # below the captions already there: none is hidden
+        placed.append((x, y, x + text_width, y + text_height))
+        draw.rectangle((x, y, x + text_width, y + text_height), fill=colour)
+        draw.text((x + 1 - left, y + 1 - top), caption, fill="white")
     return image
 
 

@@ -2,8 +2,8 @@
 
 There is no small, free, instant detection dataset on which a distillation method shows its
 effect in minutes on a CPU. *shapes* is one: ``make_shapes("data/shapes")`` writes 4000 train and
-250 val images (128 x 128 PNG) with COCO-2017-style annotation files in under a minute on two
-CPU cores, drawn in parallel processes (numpy + PIL; 4.9 boxes per image). Why 4000: detectors trained from scratch on 1000
+250 val images (128 x 128 PNG) with COCO-2017-style annotation files in about 70 CPU-seconds
+(15 ms an image), drawn in parallel processes on every core (numpy + PIL; 4.9 boxes per image). Why 4000: detectors trained from scratch on 1000
 images overfit them (measured: a GFL R-34 teacher's val AP fell from 6.8 to 6.4 over its last 12
 of 48 epochs while its training loss kept falling); a generator can give fresh images instead of
 more epochs at the same compute. It is a miniature of what makes COCO
