@@ -114,7 +114,7 @@ def run_data_shapes(args: argparse.Namespace) -> int:
 
 def run_check_data(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    problems = 0
+    problems = []
     for split in dict.fromkeys([cfg.train_split, cfg.val_split]):
         dataset = build_dataset(cfg.data_root, split, train=False, min_size=cfg.min_size, max_size=cfg.max_size)
         layout = next((name for name, ann_file, _ in dataset_layouts(cfg.data_root, split)
@@ -123,17 +123,17 @@ def run_check_data(args: argparse.Namespace) -> int:
         bad = find_bad_images(dataset, full=args.full)
         how = "decoded in full" if args.full else "header and end-of-file test"
         if bad:
-            problems += len(bad)
+            problems.append(f"{len(bad)} bad image(s) in split {split!r} (fix or remove them, or train with "
+                            f"--skip-bad-images to leave them out)")
             print(f"  {len(bad)} bad image(s) ({how}):")
             print("\n".join(f"    {b}" for b in bad))
         else:
             print(f"  every image file exists, is the size the annotation file gives and is complete ({how})")
         if split == cfg.train_split and dataset.num_boxes == 0:
-            problems += 1
+            problems.append(f"no training box in split {split!r}: nothing to learn from")
             print("  no training box: nothing to learn from")
     if problems:
-        raise BadImagesError(f"{args.config}: {problems} problem(s) above; fix or remove the bad files, or train "
-                             f"with --skip-bad-images to leave them out")
+        raise BadImagesError(f"{args.config}: " + "; ".join(problems))
     print("ok")
     return 0
 
