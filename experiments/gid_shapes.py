@@ -45,6 +45,7 @@ from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E
 from kdlab.engine.experiment import make_config, relative_to, run  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
+from kdlab.eval import UNDEFINED, format_metric  # noqa: E402
 
 METRICS = ("AP", "AP50", "AP75", "APs")
 TARGET_GAIN = 1.5  # AP points, GID full over the RetinaNet student alone (the issue's target)
@@ -87,18 +88,21 @@ def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str
     return metrics
 
 
-def mean_std(runs: dict[int, dict[str, float]]) -> dict[str, tuple[float, float | None]]:
-    """``{metric: (mean, sample std)}`` in % over the seeds; the std is None for one seed (no spread
-    was measured, so none is claimed)."""
+def mean_std(runs: dict[int, dict[str, float | None]]) -> dict[str, tuple[float | None, float | None]]:
+    """``{metric: (mean, sample std)}`` in % over the seeds where the metric is defined; the std is
+    None for one seed (no spread was measured, so none is claimed), both are None for none."""
     cells = {}
     for metric in METRICS:
-        values = [100 * m[metric] for m in runs.values()]
-        cells[metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None)
+        values = [100 * m[metric] for m in runs.values() if m[metric] is not None]
+        cells[metric] = (statistics.mean(values) if values else None,
+                         statistics.stdev(values) if len(values) > 1 else None)
     return cells
 
 
-def cell(mean: float, std: float | None) -> str:
-    """``mean ± std`` to one decimal, or the bare value for a single seed."""
+def cell(mean: float | None, std: float | None) -> str:
+    """``mean ± std`` to one decimal, the bare value for a single seed, ``–`` when undefined."""
+    if mean is None:
+        return UNDEFINED
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
@@ -135,14 +139,14 @@ def markdown(family: str, part: dict, note: str) -> str:
     per seed) and, for RetinaNet, the target check."""
     lines = [f"### {family}{note}", "",
              "| run | seeds | " + " | ".join(METRICS) + " | AP per seed |", "|---|---|" + "---|" * len(METRICS) + "---|",
-             "| teacher | - | " + " | ".join(f"{100 * part['teacher'][m]:.1f}" for m in METRICS) + " | |"]
+             "| teacher | - | " + " | ".join(format_metric(part['teacher'][m]) for m in METRICS) + " | |"]
     table = part["table"]
     for variant, cells in table.items():
         by_seed = part["runs"][variant]
-        per_seed = ", ".join(f"{100 * by_seed[s]['AP']:.1f}" for s in sorted(by_seed, key=int))
+        per_seed = ", ".join(format_metric(by_seed[s]["AP"]) for s in sorted(by_seed, key=int))
         lines.append(f"| {VARIANTS[variant][0]} | {len(by_seed)} | "
                      + " | ".join(cell(mean, std) for mean, std in cells.values()) + f" | {per_seed} |")
-    if {"student", "gid"} <= table.keys():
+    if {"student", "gid"} <= table.keys() and None not in (table["gid"]["AP"][0], table["student"]["AP"][0]):
         gain = table["gid"]["AP"][0] - table["student"]["AP"][0]
         line = f"- GID full vs student alone: {gain:+.1f} AP"
         if family == "retinanet":

@@ -20,9 +20,10 @@ the new one (an interrupted command continues where it stopped; a run with its `
 Outputs under ``--out`` (default ``outputs/ld_shapes``, ``outputs/ld_shapes_quick`` with
 ``--quick``/``--max-iters``): one run folder per dataset/variant/seed, ``results.json`` (every
 run's metrics, the teachers', and the mean/std table) and ``results.md`` (mean ± std over seeds of
-AP, AP75, APs in %, sample std). A full run (not a smoke test) with every variant and 3 or more
-seeds also copies both files to ``experiments/results/ld_shapes.{json,md}``, which are tracked in
-git and shown by notebook 02 as the stored full run.
+AP, AP75, APs in %, sample std; ``–`` for a metric without ground truth to score). A full run (not
+a smoke test) with every variant and 3 or more seeds also copies both files to
+``experiments/results/ld_shapes.{json,md}``, which are tracked in git and shown by notebook 02 as
+the stored full run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E
 from kdlab.engine.experiment import make_config, relative_to, run  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
+from kdlab.eval import UNDEFINED, format_metric  # noqa: E402
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 METRICS = ("AP", "AP75", "APs")
@@ -86,28 +88,37 @@ def evaluate_checkpoint(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict
     return metrics
 
 
-def summarise(runs: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
-    """``{variant: {metric: (mean, std)}}`` in %, std over seeds (sample std; 0 for one seed)."""
+def summarise(runs: dict[str, dict[int, dict[str, float | None]]]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """``{variant: {metric: (mean, std)}}`` in %, over the seeds where the metric is defined (sample
+    std, None from a single value; the mean is None where no seed has it, e.g. APs without small objects)."""
     table = {}
     for variant, by_seed in runs.items():
         table[variant] = {}
         for metric in METRICS:
-            values = [100 * m[metric] for m in by_seed.values()]
-            table[variant][metric] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            values = [100 * m[metric] for m in by_seed.values() if m[metric] is not None]
+            table[variant][metric] = (statistics.mean(values) if values else None,
+                                      statistics.stdev(values) if len(values) > 1 else None)
     return table
+
+
+def cell(mean: float | None, std: float | None) -> str:
+    """``mean ± std``, the bare mean from a single value, ``–`` when undefined."""
+    if mean is None:
+        return UNDEFINED
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
 def markdown(dataset: str, table: dict, teacher: dict[str, float], seeds: list[int], note: str) -> str:
     """The markdown table of one dataset, with the issue's two targets checked."""
     lines = [f"### {dataset} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds}){note}", "",
              "| run | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS),
-             "| teacher | " + " | ".join(f"{100 * teacher[m]:.1f}" for m in METRICS) + " |"]
+             "| teacher | " + " | ".join(format_metric(teacher[m]) for m in METRICS) + " |"]
     for variant, cells in table.items():
-        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(f"{mean:.1f} ± {std:.1f}" if len(seeds) > 1 else f"{mean:.1f}" for mean, std in cells.values()) + " |")
+        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(cell(mean, std) for mean, std in cells.values()) + " |")
     lines.append("")
     for full in ("kd_ld_vlr", "kd_ld_vlr_official"):
-        if not {"student", full} <= table.keys():
-            continue
+        if not {"student", full} <= table.keys() or None in (table[full]["AP"][0], table["student"]["AP"][0]):
+            continue  # AP undefined: a validation split without ground truth
         gain = table[full]["AP"][0] - table["student"]["AP"][0]
         lines.append(f"- {VARIANTS[full][0]} vs student alone: {gain:+.1f} AP (target >= +1.5): "
                      f"{'met' if gain >= 1.5 else 'NOT met'}")

@@ -2,7 +2,7 @@
 
 Every key of the YAML file is a field of :class:`TrainConfig` (one to one; no inheritance, no
 ``_base_`` files), so a reader sees in one file which data, detector, optimiser and distiller a
-run uses. Values are read with ``yaml.safe_load`` and checked against the field types::
+run uses. The classes are not a config key: they are the categories of the annotation file. Values are read with ``yaml.safe_load`` and checked against the field types::
 
     cfg = load_config("configs/gfl_r18_shapes.yaml", overrides=["lr=0.02", "epochs=2"])
     build_detector(cfg.model, num_classes, **cfg.model_options())
@@ -57,9 +57,11 @@ class TrainConfig:
     Distillation:
         teacher_config: YAML of the teacher's model fields (``None``: read them from the checkpoint).
         teacher_checkpoint: exported ``student.pt`` of the teacher.
-        distill: a method of ``kdlab.distill.METHODS``, a combination ``"a+b"`` or a recipe of ``kdlab.distill.RECIPES`` (``None``: plain training).
+        distill: a method of ``kdlab.distill.METHODS``, a combination ``"a+b"`` or a recipe of
+            ``kdlab.distill.RECIPES`` (``None``: plain training).
         distill_options: keyword arguments of the method (of each method, keyed by name, for a
-            combination or a recipe).
+            combination or a recipe); checked against the methods' signatures when the task is
+            built; must be empty when ``distill`` is ``None``.
     Run:
         output_dir: where checkpoints, logs and evaluations go.
         seed, deterministic: seeding and deterministic kernels.
@@ -162,6 +164,10 @@ class TrainConfig:
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.distill is not None and self.teacher_checkpoint is None:
             raise ConfigError(f"distill={self.distill!r} needs teacher_checkpoint (an exported student.pt)")
+        if self.distill is None and self.distill_options:
+            raise ConfigError(f"distill_options {self.distill_options} are given but distill is null, so nothing would "
+                              f"use them; for the student alone also set distill_options={{}} "
+                              f"(e.g. --set distill=null distill_options={{}})")
 
 
 _FIELD_TYPES: dict[str, Any] = {}
@@ -210,7 +216,18 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+# keys people expect that are not config fields, and why
+NOT_CONFIG_KEYS = {
+    name: "the classes are the 'categories' of the training annotation file (instances_<train_split>.json "
+          "under data_root): their number and names come from there; to train on fewer classes, remove "
+          "the others' categories and annotations from the JSON files"
+    for name in ("num_classes", "classes", "class_names", "categories")
+}
+
+
 def _closest(key: str) -> str:
+    if key in NOT_CONFIG_KEYS:
+        return f"it is not a config key: {NOT_CONFIG_KEYS[key]}"
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
     return f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(names)}"

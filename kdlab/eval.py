@@ -2,12 +2,16 @@
 
 ``coco_metrics(ann_file, results)`` scores a list of COCO result dicts
 (``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}``) against a COCO annotation file
-and returns the six headline numbers as floats in ``[0, 1]``:
+and returns the six headline numbers as floats in ``[0, 1]``, or ``None`` where a metric is
+undefined (pycocotools' ``-1``: no ground truth in that size range, or none at all):
 
 - ``AP``: mean over IoU thresholds ``0.50:0.05:0.95`` and categories of the 101-point
   interpolated precision ``AP = 1/101 * sum_{r in {0, 0.01, ..., 1}} max_{r' >= r} p(r')``,
 - ``AP50`` / ``AP75``: the same at IoU 0.5 / 0.75,
 - ``APs`` / ``APm`` / ``APl``: ``AP`` on ground truth of area ``< 32^2``, ``32^2 .. 96^2``, ``> 96^2``.
+
+An undefined metric is ``None`` (``null`` in JSON, ``–`` in :func:`format_metrics_table`), never
+``0.0``: on the 128-pixel *shapes* images no object is large, so ``APl`` is undefined there.
 """
 
 from __future__ import annotations
@@ -72,27 +76,36 @@ def coco_metrics(
         verbose: let pycocotools print its progress and summary table.
 
     Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` floats in ``[0, 1]``. A range without
-        ground truth (pycocotools' ``-1``) is reported as ``0.0``. Empty ``results`` give all
-        zeros and a warning (pycocotools cannot load an empty result list).
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``: floats in ``[0, 1]``, or ``None`` for a
+        metric without ground truth to score (pycocotools' ``-1``), e.g. ``APl`` when no object
+        is larger than 96 x 96 pixels. Empty ``results`` warn and score every ground truth as a
+        miss (0.0 where ground truth exists).
     """
     coco = load_coco(ann_file, verbose)
     if not results:
-        warnings.warn("coco_metrics: no detections at all; every metric is 0", stacklevel=2)
-        return {name: 0.0 for name in METRIC_NAMES}
+        warnings.warn("coco_metrics: no detections at all; every object is a miss", stacklevel=2)
     check_results(coco, results)
     if image_ids is not None and not set(image_ids) <= set(coco.getImgIds()):
         unknown = sorted(set(image_ids) - set(coco.getImgIds()))
         raise ValueError(f"image_ids {unknown[:5]} are not images of the annotation file")
     with _quiet(verbose):
         # loadRes adds "area"/"id" to the dicts it gets: give it copies
-        coco_dt = coco.loadRes(copy.deepcopy(list(results)))
+        coco_dt = coco.loadRes(copy.deepcopy(list(results))) if results else _no_detections(coco)
         evaluator = COCOeval(coco, coco_dt, iouType="bbox")
         evaluator.params.imgIds = sorted(coco.getImgIds() if image_ids is None else image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: max(float(value), 0.0) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+    return {name: (float(value) if value >= 0 else None) for name, value in zip(METRIC_NAMES, evaluator.stats[:6])}
+
+
+def _no_detections(coco: COCO) -> COCO:
+    """An empty result set (``COCO.loadRes`` refuses an empty list)."""
+    empty = COCO()
+    empty.dataset = {"images": list(coco.dataset["images"]), "categories": copy.deepcopy(coco.dataset["categories"]),
+                     "annotations": []}
+    empty.createIndex()
+    return empty
 
 
 @contextlib.contextmanager
@@ -105,10 +118,31 @@ def _quiet(verbose: bool):
         yield
 
 
-def format_metrics_table(rows: dict[str, dict[str, float]], names: tuple[str, ...] = METRIC_NAMES) -> str:
-    """A markdown table with one row per run, AP values x100 with one decimal (``-`` if missing).
+UNDEFINED = "–"  # an en dash: the metric has no ground truth to score (None), unlike "-", not given
 
-    Example::
+
+def format_metric(value: float | None, width: int = 0) -> str:
+    """One metric as a table cell: ``100 * value`` with one decimal, or ``–`` when undefined (``None``)."""
+    return f"{UNDEFINED:>{width}}" if value is None else f"{100 * value:>{width}.1f}"
+
+
+def format_mean_std(values: list[float | None], width: int = 0) -> str:
+    """``mean ± std`` (x100, sample std) of the defined values; the bare value for one; ``–`` for none."""
+    import statistics
+
+    defined = [100 * v for v in values if v is not None]
+    if not defined:
+        return f"{UNDEFINED:>{width}}"
+    if len(defined) == 1:
+        return f"{defined[0]:>{width}.1f}"
+    return f"{statistics.mean(defined):.1f} ± {statistics.stdev(defined):.1f}".rjust(width)
+
+
+def format_metrics_table(rows: dict[str, dict[str, float | None]], names: tuple[str, ...] = METRIC_NAMES) -> str:
+    """A markdown table with one row per run, AP values x100 with one decimal.
+
+    An undefined metric (``None``, see :func:`coco_metrics`) is shown as ``–`` and explained
+    under the table; a metric a row does not have is shown as ``-``. Example::
 
         | run      |   AP | AP50 | AP75 |  APs |  APm |  APl |
         |----------|------|------|------|------|------|------|
@@ -118,7 +152,11 @@ def format_metrics_table(rows: dict[str, dict[str, float]], names: tuple[str, ..
     header = f"| {'run':<{width}} | " + " | ".join(f"{n:>4}" for n in names) + " |"
     rule = f"|{'-' * (width + 2)}|" + "|".join("-" * (max(len(n), 4) + 2) for n in names) + "|"
     lines = [header, rule]
+    undefined = []
     for run, metrics in rows.items():
-        cells = [f"{100 * metrics[n]:>{max(len(n), 4)}.1f}" if n in metrics else f"{'-':>{max(len(n), 4)}}" for n in names]
+        cells = [format_metric(metrics[n], max(len(n), 4)) if n in metrics else f"{'-':>{max(len(n), 4)}}" for n in names]
+        undefined += [n for n in names if n in metrics and metrics[n] is None and n not in undefined]
         lines.append(f"| {str(run):<{width}} | " + " | ".join(cells) + " |")
+    if undefined:
+        lines.append(f"\n{UNDEFINED} undefined (no ground-truth object to score; pycocotools' -1): {', '.join(undefined)}")
     return "\n".join(lines)

@@ -103,10 +103,24 @@ def test_programmatic_construction_is_checked_too():
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = write(tmp_path, "lr: 0.01\ngrad_clip: 10\n")
-    cfg = load_config(path, ["lr=0.02", "lr_steps=[1, 2]", "grad_clip=null", "distill_options.temperature=5",
-                             "output_dir=runs/x", "amp=false"])
+    cfg = load_config(path, ["lr=0.02", "lr_steps=[1, 2]", "grad_clip=null", "distill=ld", "teacher_checkpoint=t.pt",
+                             "distill_options.temperature=5", "output_dir=runs/x", "amp=false"])
     assert cfg.lr == 0.02 and cfg.lr_steps == [1, 2] and cfg.grad_clip is None
     assert cfg.distill_options == {"temperature": 5} and cfg.output_dir == "runs/x" and cfg.amp is False
+
+
+def test_distill_options_without_distill_are_refused(tmp_path):
+    # they used to be ignored without a word when distill was null
+    path = write(tmp_path, "distill: ld\nteacher_checkpoint: t.pt\ndistill_options: {main_kd_weight: 0.0}\n")
+    with pytest.raises(ConfigError, match=r"distill_options \{'main_kd_weight': 0.0\} are given but distill is null"):
+        load_config(path, ["distill=null"])
+    assert load_config(path, ["distill=null", "distill_options={}"]).distill_options == {}
+
+
+def test_num_classes_says_where_the_classes_come_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"'num_classes'; it is not a config key: the classes are the 'categories' of "
+                                          r"the training annotation file"):
+        load_config(write(tmp_path, "lr: 0.01\n"), ["num_classes=1"])
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -357,17 +357,21 @@ def test_resume_mid_epoch_is_exact(baseline, tiny_shapes, tmp_path):
     assert_same_run(tmp_path, baseline[0])
 
 
+class SimulatedKill(BaseException):
+    """Stands for a kill: the loop saves nothing on its way out (unlike Ctrl-C)."""
+
+
 @pytest.mark.slow
 def test_crash_then_resume_from_periodic_checkpoint(baseline, tiny_shapes, tmp_path, monkeypatch):
     real_step = kdlab.engine.loop.train_step
 
     def crash_at_8(*args, **kwargs):
         if kwargs["where"].startswith("iteration 8 "):
-            raise KeyboardInterrupt("simulated kill")
+            raise SimulatedKill("kill -9: nothing runs after this")
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(kdlab.engine.loop, "train_step", crash_at_8)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SimulatedKill):
         quiet_train(tiny_config(tiny_shapes, tmp_path, checkpoint_every_iters=3))
     last = safe_load(tmp_path / "last.pt")
     assert (last["epoch"], last["batch_in_epoch"], last["iteration"]) == (1, 2, 6)
@@ -443,3 +447,54 @@ def test_missing_teacher_checkpoint_is_named(tiny_shapes, tmp_path):
 def test_detection_task_wraps_the_student():
     task = DetectionTask(TinyDetector(3))
     assert task.weight_dict == {"loss_cls": 1.0, "loss_box": 2.0}
+
+
+# ---------------------------------------------------------------- detector.predict on any images
+def test_detector_predict_equals_the_evaluation_pipeline_in_original_pixels(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from kdlab.data import make_shapes
+    from kdlab.engine.inference import as_image_tensor
+    from kdlab.models import build_detector
+
+    make_shapes(tmp_path / "s", num_train=0, num_val=1, image_size=128)
+    picture = Image.open(tmp_path / "s" / "val" / "000001.png").resize((256, 192))  # not the training size
+    (tmp_path / "flat" / "images").mkdir(parents=True)
+    picture.save(tmp_path / "flat" / "images" / "1.png")
+    (tmp_path / "flat" / "instances_val.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.png", "width": 256, "height": 192}], "annotations": [],
+        "categories": [{"id": 1, "name": "x"}]}))
+    dataset = build_dataset(tmp_path / "flat", "val", train=False, min_size=128, max_size=128)
+    images, targets = next(iter(build_loader(dataset, TrainConfig(batch_size=1, num_workers=0), CPU, train=False)))
+    teacher = load_detector("data/checkpoints/shapes_gfl_teacher.pt")
+    expected = predict(teacher, images, targets, original_pixels=True)[0]
+    assert len(expected["boxes"]) > 0 and float(expected["boxes"][:, 2].max()) > 128  # in the file's pixels
+
+    as_uint8 = torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+    for given in (picture, as_uint8, tmp_path / "flat" / "images" / "1.png"):
+        (found,) = teacher.predict([given], min_size=128, max_size=128)
+        torch.testing.assert_close(found["boxes"], expected["boxes"])
+        assert torch.equal(found["labels"], expected["labels"])
+    (as_float,) = teacher.predict([as_uint8.float() / 255], min_size=128, max_size=128, score_thresh=0.3)
+    assert len(as_float["boxes"]) > 0 and float(as_float["boxes"][:, 2].max()) <= 256
+    assert torch.equal(as_image_tensor(picture.convert("L")), as_image_tensor(picture.convert("L").convert("RGB")))
+
+    with pytest.raises(ValueError, match="pass min_size and max_size"):  # built in Python: no training size known
+        build_detector("gfl", 8, backbone="resnet18", backbone_width=8, fpn_channels=16, head_convs=1).predict([picture])
+    with pytest.raises(TypeError, match="a list of images"):
+        teacher.predict(picture, min_size=128, max_size=128)
+    with pytest.raises(ValueError, match=r"float image tensor must hold values in \[0, 1\]"):
+        teacher.predict([as_uint8.float()], min_size=128, max_size=128)
+
+
+def test_engine_predict_stays_the_batch_function_after_detector_predict():
+    import kdlab.engine
+    from kdlab.engine.evaluation import predict as batch_predict
+    from kdlab.models import build_detector
+
+    build_detector("gfl", 2, backbone="resnet18", backbone_width=8, fpn_channels=16, head_convs=1).predict(
+        [torch.zeros(3, 32, 32)], min_size=32, max_size=32)  # imports the inference module lazily
+    assert kdlab.engine.predict is batch_predict  # not shadowed by a submodule of the same name

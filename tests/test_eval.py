@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdlab.eval import METRIC_NAMES, coco_metrics, format_metrics_table, load_coco
+from kdlab.eval import METRIC_NAMES, coco_metrics, format_mean_std, format_metric, format_metrics_table, load_coco
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 R = 101  # COCOeval's recall thresholds 0, 0.01, ..., 1
@@ -48,7 +48,7 @@ def test_one_of_two_found(tmp_path):
     expected = 51 / R
     assert metrics["AP"] == pytest.approx(expected) and metrics["AP50"] == pytest.approx(expected)
     assert metrics["AP75"] == pytest.approx(expected) and metrics["APm"] == pytest.approx(expected)
-    assert metrics["APs"] == 0.0 and metrics["APl"] == 0.0  # no GT of those sizes: -1 -> 0
+    assert metrics["APs"] is None and metrics["APl"] is None  # no GT of those sizes: pycocotools' -1, undefined
 
 
 def test_one_of_two_categories_found(tmp_path):
@@ -88,10 +88,18 @@ def test_accepts_a_coco_object_and_does_not_modify_results(tmp_path):
     assert results == [det(1, 3, [10, 10, 40, 40])]  # loadRes would add "area" and "id"
 
 
-def test_empty_results_warn_and_give_zeros(tmp_path):
-    path = ann_file(tmp_path, [(1, 3, [10, 10, 40, 40])])
+def test_empty_results_warn_and_score_every_object_as_a_miss(tmp_path):
+    path = ann_file(tmp_path, [(1, 3, [10, 10, 40, 40])])  # one medium object
     with pytest.warns(UserWarning, match="no detections"):
-        assert coco_metrics(path, []) == {name: 0.0 for name in METRIC_NAMES}
+        assert coco_metrics(path, []) == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": None, "APm": 0.0, "APl": None}
+
+
+def test_metrics_of_a_split_without_ground_truth_are_undefined(tmp_path):
+    # an all-empty val split: pycocotools gives -1 for everything; it used to be printed as 0.0
+    path = ann_file(tmp_path, [], num_images=2)
+    assert coco_metrics(path, [det(1, 3, [10, 10, 40, 40], 0.9)]) == {name: None for name in METRIC_NAMES}
+    with pytest.warns(UserWarning, match="no detections"):
+        assert coco_metrics(path, []) == {name: None for name in METRIC_NAMES}
 
 
 def test_quiet_unless_verbose(tmp_path, capsys):
@@ -131,3 +139,21 @@ def test_format_metrics_table():
         "| baseline | 35.8 | 53.1 | 38.2 | 18.9 | 38.9 | 47.9 |",
         "| ld       | 37.5 |    - |    - |    - |    - |    - |",
     ]
+
+
+def test_format_metrics_table_shows_undefined_as_a_dash_and_says_why():
+    table = format_metrics_table({"shapes": {"AP": 0.074, "AP50": 0.13, "AP75": 0.078, "APs": 0.059, "APm": 0.2,
+                                             "APl": None}})
+    assert table.splitlines() == [
+        "| run    |   AP | AP50 | AP75 |  APs |  APm |  APl |",
+        "|--------|------|------|------|------|------|------|",
+        "| shapes |  7.4 | 13.0 |  7.8 |  5.9 | 20.0 |    – |",
+        "",
+        "– undefined (no ground-truth object to score; pycocotools' -1): APl",
+    ]
+
+
+def test_format_mean_std_skips_undefined_values():
+    assert format_mean_std([0.074, 0.073, 0.075]) == "7.4 ± 0.1"
+    assert format_mean_std([0.05, None]) == "5.0"  # one defined value: no ± claimed
+    assert format_mean_std([None, None]) == "–" and format_metric(None, 4) == "   –" and format_metric(0.1234) == "12.3"

@@ -449,3 +449,14 @@ def test_vlr_batched_equals_per_image():
     for b, (g, t) in enumerate(zip(gts, thrs)):
         single = valuable_localization_region(ANCHORS, g, t, weighting="iou")
         assert torch.equal(batched.weight[b], single.weight) and torch.equal(batched.matched_gt[b], single.matched_gt)
+
+
+def test_one_class_warns_that_classification_kd_is_zero():
+    student, teacher = _tiny_gfl(0, num_classes=1), _tiny_gfl(1, num_classes=1)
+    with pytest.warns(UserWarning, match="identically 0"):
+        LD(student, teacher)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LD(student, teacher, main_kd_weight=0)  # nothing to warn about

@@ -9,7 +9,7 @@
   ``targets`` a list of dicts (``boxes``, ``labels``, ``image_id``, ``orig_size``, ``size``).
 """
 
-from kdlab.data.coco import CocoDetection, build_dataset, dataset_layouts, read_rgb
+from kdlab.data.coco import CocoDetection, build_dataset, dataset_layouts, read_rgb, to_rgb
 from kdlab.data.shapes import SHAPES_CATEGORY_IDS, SHAPES_CLASSES, make_shapes, render_scene
 from kdlab.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transforms, collate_fn, denormalize,
                                    image_sizes_of)
@@ -29,4 +29,5 @@ __all__ = [
     "make_shapes",
     "read_rgb",
     "render_scene",
+    "to_rgb",
 ]

@@ -11,8 +11,9 @@ format (see :func:`kdlab.data.transforms.collate_fn`):
 Category ids (sorted) map to contiguous labels: ``label = cat_id_to_label[cat_id]``,
 ``cat_id = label_to_cat_id[label]``. Crowd annotations are left out of the targets; boxes are
 clipped to the image and boxes thinner than ``min_box_size`` are dropped once, with a warning
-(:func:`~kdlab.data.coco_json.training_boxes`). ``coco`` is the annotation file as read, so
-COCOeval scores against the official ground truth.
+(:func:`~kdlab.data.coco_json.training_boxes`), from training *and* from evaluation: ``coco`` is
+the annotation file as read, ``eval_coco`` the ground truth without those boxes, which is what
+COCOeval scores against (a zero-width box can never be matched; scoring it only lowers AP).
 
 Augmentation is a function of ``(seed, epoch, index)`` only: :meth:`CocoDetection.__getitem__`
 runs the transforms under a forked torch RNG seeded from those three numbers, so a sample does not
@@ -32,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision import tv_tensors
 
-from kdlab.data.coco_json import load_coco_json, training_boxes
+from kdlab.data.coco_json import evaluation_ground_truth, load_coco_json, training_boxes
 from kdlab.data.transforms import build_transforms
 
 
@@ -40,6 +41,11 @@ def read_rgb(path: Path) -> Image.Image:
     """Open an image file as 8-bit RGB: grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit converted."""
     with Image.open(path) as image:
         image.load()
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A PIL image as 8-bit RGB (see :func:`read_rgb`)."""
     if image.mode == "RGB":
         return image
     if image.mode == "P" and "transparency" in image.info:
@@ -66,13 +72,17 @@ class CocoDetection(torch.utils.data.Dataset):
         seed: augmentation seed; sample ``i`` of epoch ``e`` is drawn with ``(seed, e, i)``.
 
     Attributes:
-        coco: the pycocotools ``COCO`` object of ``ann_file``.
+        coco: the pycocotools ``COCO`` object of ``ann_file``, as read.
+        eval_coco: the ground truth COCOeval scores against: ``coco`` without the annotations
+            training drops (``dropped_ann_ids``), so that evaluation and training agree on what
+            the objects are (the same object as ``coco`` when nothing is dropped).
         ann_file: ``Path`` of the annotation file.
         ids: sorted image ids; sample ``i`` is image ``ids[i]``.
         cat_ids, class_names: sorted category ids and their names.
         num_classes: ``C``.
         label_to_cat_id: list, contiguous label -> category id; ``cat_id_to_label`` the inverse dict.
         dropped_ann_ids: ids of the annotations dropped as too small (reported once, at construction).
+        excluded_image_ids: images left out with :meth:`exclude_images`.
     """
 
     def __init__(self, img_dir: str | Path, ann_file: str | Path, transforms: Callable | None = None, *,
@@ -92,14 +102,41 @@ class CocoDetection(torch.utils.data.Dataset):
         self.cat_id_to_label: dict[int, int] = {cat_id: label for label, cat_id in enumerate(self.cat_ids)}
         self.ids: list[int] = sorted(int(image_id) for image_id in self.coco.imgs)
 
-        kept = training_boxes(self.coco, self.ann_file, self.min_box_size)
-        self.dropped_ann_ids: list[int] = kept["dropped_ann_ids"].tolist()
-        # Group the kept boxes by sample index: sample i owns rows offsets[i]:offsets[i + 1].
-        sample_index = np.searchsorted(np.array(self.ids, dtype=np.int64), kept["image_ids"])
+        self._kept = training_boxes(self.coco, self.ann_file, self.min_box_size)
+        self.dropped_ann_ids: list[int] = self._kept["dropped_ann_ids"].tolist()
+        self.eval_coco = evaluation_ground_truth(self.coco, self.dropped_ann_ids)
+        self.excluded_image_ids: list[int] = []
+        self._index_boxes()
+
+    def _index_boxes(self) -> None:
+        """Group the kept boxes of the images in ``ids``: sample i owns rows ``offsets[i]:offsets[i + 1]``."""
+        kept = self._kept
+        listed = np.isin(kept["image_ids"], np.array(self.ids, dtype=np.int64))
+        sample_index = np.searchsorted(np.array(self.ids, dtype=np.int64), kept["image_ids"][listed])
         order = np.argsort(sample_index, kind="stable")
-        self._boxes = kept["boxes"][order]  # [N, 4] float32 xyxy, original pixels
-        self._labels = np.array([self.cat_id_to_label[c] for c in kept["cat_ids"][order].tolist()], dtype=np.int64)
+        self._boxes = kept["boxes"][listed][order]  # [N, 4] float32 xyxy, original pixels
+        self._labels = np.array([self.cat_id_to_label[c] for c in kept["cat_ids"][listed][order].tolist()], dtype=np.int64)
         self._offsets = np.searchsorted(sample_index[order], np.arange(len(self.ids) + 1))
+
+    def exclude_images(self, image_ids) -> None:
+        """Leave these images out (e.g. files that do not decode): they are no longer samples.
+
+        Evaluation follows: :func:`~kdlab.engine.evaluate` scores only the images its loader visited.
+        """
+        excluded = {int(i) for i in image_ids}
+        self.excluded_image_ids = sorted(set(self.excluded_image_ids) | excluded)
+        self.ids = [i for i in self.ids if i not in excluded]
+        self._index_boxes()
+
+    @property
+    def num_boxes(self) -> int:
+        """Training boxes over the samples (crowd and dropped boxes not counted)."""
+        return len(self._boxes)
+
+    @property
+    def num_images_with_boxes(self) -> int:
+        """Samples with at least one training box."""
+        return int((np.diff(self._offsets) > 0).sum())
 
     @property
     def num_classes(self) -> int:

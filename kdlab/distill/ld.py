@@ -39,6 +39,8 @@ an image). ``experiments/ld_shapes.py`` runs both.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -135,6 +137,11 @@ class LD(DistillCriterion):
             if not temperatures[name] > 0:
                 raise ValueError(f"LD temperature of {name} must be > 0, got {temperatures[name]}")
         self.weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
+        kd_terms = [name for name in ("loss_kd", "loss_kd_vlr") if name in self.weight_dict]
+        if getattr(student, "num_classes", None) == 1 and kd_terms:
+            warnings.warn(f"LD: with one class the classification KD terms {kd_terms} (a softmax over the classes) are "
+                          "identically 0: they cost time and transfer nothing; set main_kd_weight=0 (and "
+                          "vlr_kd_weight=0)", stacklevel=2)
         self.temperatures = {name: float(t) for name, t in temperatures.items()}
         self.variant = variant
         self.images_per_gpu = images_per_gpu

@@ -1,7 +1,9 @@
 """Training loop, checkpoints, DDP and evaluation.
 
-- :func:`train` (``loop.py``): the loop, driven by a :class:`~kdlab.config.TrainConfig`.
+- :func:`train` (``loop.py``): the loop, driven by a :class:`~kdlab.config.TrainConfig`; its
+  ``output_dir`` is locked and protected (``rundir.py``), Ctrl-C stops it resumably (``interrupt.py``).
 - :func:`evaluate`, :func:`predict` (``evaluation.py``): COCO metrics of a detector; one batch's detections.
+- :func:`predict_images` (``inference.py``): detections on any images in their own pixels (``detector.predict``).
 - :func:`load_detector` (``checkpoint.py``): the detector of an exported ``student.pt``.
 - :class:`ResumableBatchSampler` (``sampler.py``), :func:`build_optimizer` /
   :func:`build_lr_scheduler` (``optim.py``), :class:`MetricLogger` (``logging.py``),
@@ -16,6 +18,7 @@ from kdlab.engine.logging import MetricLogger, read_metrics
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer, scaled_lr
 from kdlab.engine.sampler import ResumableBatchSampler
 from kdlab.engine.loop import train, train_step
+from kdlab.engine.inference import predict_images
 
 __all__ = [
     "CheckpointError",
@@ -34,6 +37,7 @@ __all__ = [
     "init_distributed",
     "load_detector",
     "predict",
+    "predict_images",
     "read_metrics",
     "resolve_device",
     "safe_load",

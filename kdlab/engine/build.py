@@ -7,16 +7,21 @@ with the teacher loaded from its exported checkpoint.
 
 from __future__ import annotations
 
+import difflib
 import functools
-from pathlib import Path
+import inspect
+import types
+import typing
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from kdlab.config import TrainConfig, load_config
+from kdlab.config import ConfigError, TrainConfig, load_config
 from kdlab.data import build_dataset, collate_fn
-from kdlab.distill import build_distillation
+from kdlab.data.check import screen_images
+from kdlab.distill import METHODS, DistillationTask, method_options
 from kdlab.engine.checkpoint import CheckpointError, load_detector, safe_load
 from kdlab.engine.distributed import DistContext
 from kdlab.engine.sampler import ResumableBatchSampler
@@ -24,12 +29,39 @@ from kdlab.models import build_detector
 from kdlab.models.base import DetectionTask, Detector
 
 
-def build_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset]:
-    """The training (augmented) and validation datasets of ``cfg``."""
+def build_datasets(cfg: TrainConfig, *, check_images: bool = False, skip_bad_images: bool = False,
+                   announce: bool = True) -> tuple[Dataset, Dataset]:
+    """The training (augmented) and validation datasets of ``cfg``.
+
+    Args:
+        cfg: the run's configuration.
+        check_images: quick-check every image file of both splits first
+            (:func:`~kdlab.data.check.screen_images`).
+        skip_bad_images: leave bad image files out instead of stopping (with ``check_images``).
+        announce: print what was left out (rank 0).
+
+    Raises:
+        ValueError: the training split has no image or no box to learn from.
+        kdlab.data.check.BadImagesError: bad image files and not ``skip_bad_images``.
+    """
     options = {"min_size": cfg.min_size, "max_size": cfg.max_size, "seed": cfg.seed}
     train_set = build_dataset(cfg.data_root, cfg.train_split, train=True, **options)
     val_set = build_dataset(cfg.data_root, cfg.val_split, train=False, **options)
+    if check_images:
+        for split, dataset in ((cfg.train_split, train_set), (cfg.val_split, val_set)):
+            screen_images(dataset, split, skip=skip_bad_images, announce=announce)
+    check_training_split(train_set, cfg.train_split)
     return train_set, val_set
+
+
+def check_training_split(dataset: Dataset, split: str) -> None:
+    """A training split must have images and at least one box (else there is nothing to learn)."""
+    where = f"training split {split!r} ({getattr(dataset, 'ann_file', '')})"
+    if len(dataset) == 0:
+        raise ValueError(f"{where} has no images")
+    if getattr(dataset, "num_boxes", 1) == 0:
+        raise ValueError(f"{where} has {len(dataset)} images but no box to learn from (no annotations, or all crowd "
+                         f"or dropped as degenerate); `kdlab check-data CONFIG` shows the counts")
 
 
 def build_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, *, train: bool) -> DataLoader:
@@ -78,11 +110,134 @@ def build_teacher(cfg: TrainConfig, num_classes: int) -> Detector:
 
 
 def build_task(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    """What the engine trains: ``DetectionTask(student)``, or the distillation named by ``cfg.distill``."""
+    """What the engine trains: ``DetectionTask(student)``, or the distillation named by ``cfg.distill``
+    (a method, ``"a+b"`` or a recipe; :func:`kdlab.distill.method_options`).
+
+    Each method's options are checked against its signature first (:func:`check_distill_options`);
+    a ``ValueError`` of a method (e.g. a teacher it cannot distil) is re-raised as a
+    :class:`~kdlab.config.ConfigError` naming ``distill``.
+    """
+    checked = {}
+    if cfg.distill is not None:
+        try:
+            per_method = method_options(cfg.distill, cfg.distill_options)
+        except ValueError as err:
+            raise ConfigError(f"distill: {err}") from None
+        checked = {name: check_distill_options(METHODS[name], kwargs, method=name) for name, kwargs in per_method.items()}
     student = build_student(cfg, num_classes)
     if cfg.distill is None:
         return DetectionTask(student)
-    return build_distillation(cfg.distill, student, build_teacher(cfg, num_classes), cfg.distill_options)
+    teacher = build_teacher(cfg, num_classes)
+    try:
+        return DistillationTask(student, teacher, [METHODS[name](student, teacher, **kwargs) for name, kwargs in checked.items()])
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(f"distill={cfg.distill!r}: {err}") from None
+
+
+def _option_parameters(method_class: type) -> tuple[dict[str, inspect.Parameter], dict[str, Any]]:
+    """Keyword options of ``method_class.__init__`` after ``(student, teacher)``, following
+    ``**options`` into the base classes, and their resolved annotations."""
+    parameters: dict[str, inspect.Parameter] = {}
+    hints: dict[str, Any] = {}
+    for klass in method_class.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        signature = inspect.signature(init)
+        try:
+            klass_hints = typing.get_type_hints(init)
+        except Exception:  # an annotation that does not resolve: check names only
+            klass_hints = {}
+        forwards = False
+        for position, (name, parameter) in enumerate(signature.parameters.items()):
+            if position < 3 and name in ("self", "student", "teacher"):
+                continue
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+                parameters.setdefault(name, parameter)
+                if name in klass_hints:
+                    hints.setdefault(name, klass_hints[name])
+        if not forwards:
+            break
+    return parameters, hints
+
+
+def _check_type(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """``(ok, value)``: whether ``value`` fits ``annotation`` (ints and numeric strings become floats)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return type(None) in args, value
+        for inner in args:
+            if inner is not type(None):
+                ok, converted = _check_type(value, inner)
+                if ok:
+                    return True, converted
+        return False, value
+    if origin is typing.Literal:
+        return value in args, value
+    if annotation is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                return False, value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation in (bool, str):
+        return isinstance(value, annotation), value
+    return True, value  # other annotations (sequences, modules): left to the method
+
+
+def _describe_type(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def check_distill_options(method_class: type, options: dict[str, Any], *, method: str | None = None) -> dict[str, Any]:
+    """Check ``distill_options`` against the keyword arguments of ``method_class.__init__``.
+
+    Every name must be a parameter of the method (a misspelt one gets the closest names), and every
+    value must fit the parameter's annotation (``float``, ``int``, ``bool``, ``str``, ``Literal``,
+    ``X | None``); value ranges are the method's own business.
+
+    Args:
+        method_class: the distiller class, e.g. ``kdlab.distill.ld.LD``.
+        options: the config's ``distill_options``.
+        method: the config's ``distill`` name, for the messages.
+
+    Returns:
+        The options, with ints and numeric strings given for float parameters as floats.
+
+    Raises:
+        ConfigError: one line naming ``distill_options.<name>`` and what is expected.
+    """
+    label = f"distill={method!r} ({method_class.__module__}.{method_class.__name__})" if method else method_class.__name__
+    parameters, hints = _option_parameters(method_class)
+    checked = {}
+    for name, value in options.items():
+        if name not in parameters:
+            close = difflib.get_close_matches(name, list(parameters), n=3, cutoff=0.5)
+            hint = f"did you mean {', '.join(close)}?" if close else f"valid options: {', '.join(parameters)}"
+            raise ConfigError(f"distill_options: {label} has no option {name!r}; {hint}")
+        ok, value = _check_type(value, hints.get(name, typing.Any))
+        if not ok:
+            raise ConfigError(f"distill_options.{name} must be {_describe_type(hints[name])}, got {value!r} "
+                              f"({type(value).__name__}) for {label}")
+        checked[name] = value
+    missing = [name for name, p in parameters.items() if p.default is inspect.Parameter.empty and name not in options]
+    if missing:
+        raise ConfigError(f"distill_options: {label} needs {', '.join(missing)}")
+    return checked
 
 
 def named_trainable_parameters(task: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -90,10 +245,3 @@ def named_trainable_parameters(task: nn.Module) -> list[tuple[str, nn.Parameter]
     names = {id(p): n for n, p in task.named_parameters()}
     return [(names[id(p)], p) for p in task.trainable_parameters()]
 
-
-def check_output_dir(path: str | Path, resume: bool) -> Path:
-    """The run directory; resuming needs its ``last.pt``."""
-    path = Path(path)
-    if resume and not (path / "last.pt").is_file():
-        raise CheckpointError(f"cannot resume: {path / 'last.pt'} does not exist (train without --resume first)")
-    return path

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert
+from tqdm.auto import tqdm
 
 from kdlab.data.transforms import image_sizes_of
 from kdlab.eval import coco_metrics
@@ -68,27 +69,33 @@ def predict(detector: Detector, images: Tensor, targets: list[dict], *, original
 
 
 @torch.no_grad()
-def evaluate(detector: Detector, data_loader, device: torch.device | str, *, amp: bool = False) -> dict[str, float]:
+def evaluate(detector: Detector, data_loader, device: torch.device | str, *, amp: bool = False,
+             progress: bool = False) -> dict[str, float | None]:
     """COCO box metrics of ``detector`` on the dataset of ``data_loader``.
 
     Args:
         detector: the plain detector (not a DDP wrapper).
-        data_loader: yields ``(images, targets)``; its ``dataset`` has ``coco`` and
-            ``label_to_cat_id``. Under DDP each rank's loader holds its share of the images.
+        data_loader: yields ``(images, targets)``; its ``dataset`` has ``label_to_cat_id`` and
+            ``eval_coco`` (or ``coco``), the ground truth to score against. Under DDP each rank's
+            loader holds its share of the images.
         device: where the detector runs.
         amp: bf16 autocast (CUDA only).
+        progress: a progress bar over the batches (rank 0).
 
     Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (see :func:`kdlab.eval.coco_metrics`),
-        the same on every rank; only the images the loaders visited are evaluated.
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (see :func:`kdlab.eval.coco_metrics`;
+        ``None`` where undefined), the same on every rank; only the images the loaders visited
+        are evaluated.
     """
     dataset = data_loader.dataset
     device = torch.device(device)
     was_training = detector.training
     detector.eval()
     results, image_ids = [], []
+    batches = tqdm(data_loader, desc="evaluating", disable=not (progress and get_rank() == 0), dynamic_ncols=True,
+                   leave=False)
     try:
-        for images, targets in data_loader:
+        for images, targets in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
                 output = detector(images.to(device, non_blocking=True), image_sizes_of(targets))
                 detections = detector.postprocess(output)
@@ -99,7 +106,8 @@ def evaluate(detector: Detector, data_loader, device: torch.device | str, *, amp
     if is_dist():
         results = [r for part in all_gather_object(results) for r in part]
         image_ids = [i for part in all_gather_object(image_ids) for i in part]
-    metrics = coco_metrics(dataset.coco, results, image_ids=sorted(set(image_ids))) if get_rank() == 0 else None
+    ground_truth = getattr(dataset, "eval_coco", None) or dataset.coco
+    metrics = coco_metrics(ground_truth, results, image_ids=sorted(set(image_ids))) if get_rank() == 0 else None
     if is_dist():
         holder = [metrics]
         torch.distributed.broadcast_object_list(holder, src=0)

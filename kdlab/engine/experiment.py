@@ -27,6 +27,7 @@ import torch
 from kdlab.config import TrainConfig, load_config
 from kdlab.engine.checkpoint import atomic_save_json, load_detector
 from kdlab.engine.loop import train
+from kdlab.eval import format_metric
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 
@@ -36,7 +37,7 @@ def make_config(base: Path, fields: dict) -> TrainConfig:
     return dataclasses.replace(load_config(base), **fields)
 
 
-def run(cfg: TrainConfig) -> dict[str, float]:
+def run(cfg: TrainConfig) -> dict[str, float | None]:
     """Train ``cfg`` unless an identical finished run exists; resume an identical interrupted one."""
     out = Path(cfg.output_dir)
     final, saved = out / "eval_final.json", out / "config.yaml"
@@ -46,8 +47,10 @@ def run(cfg: TrainConfig) -> dict[str, float]:
     if out.exists() and not same and any(out.iterdir()):
         raise FileExistsError(f"{out} holds a run with another config; remove it or choose another --out")
     start = time.time()
-    metrics = train(cfg, resume=same and (out / "last.pt").is_file(), progress=False)
-    print(f"  {out}: AP {100 * metrics['AP']:.1f} ({time.time() - start:.0f} s)", flush=True)
+    resume = same and (out / "last.pt").is_file()
+    # the same config without a checkpoint: a run that stopped before its first save, started over
+    metrics = train(cfg, resume=resume, overwrite=not resume, progress=False)
+    print(f"  {out}: AP {format_metric(metrics['AP'])} ({time.time() - start:.0f} s)", flush=True)
     return metrics
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kdlab.engine.checkpoint import SaveError
+
 try:  # TensorBoard is optional (pip install tensorboard)
     from torch.utils.tensorboard import SummaryWriter
 except ImportError:  # pragma: no cover - depends on the environment
@@ -86,19 +88,23 @@ class MetricLogger:
         record["sec_per_iter"] = (now - self.tick) / self.count
         self.tick, self.sums, self.count = now, {}, 0
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # disk full: say which file, one line
+                raise SaveError(f"cannot append to {self.path}: {err.strerror or err}") from None
             if self.writer is not None:
                 for name, value in record.items():
                     if name not in ("iter", "epoch"):
                         self.writer.add_scalar(f"train/{name}", value, iteration)
         return record
 
-    def log_eval(self, iteration: int, metrics: dict[str, float]) -> None:
+    def log_eval(self, iteration: int, metrics: dict[str, float | None]) -> None:
         """COCO metrics to TensorBoard (the JSON files are written by the training loop)."""
         if self.enabled and self.writer is not None:
             for name, value in metrics.items():
-                self.writer.add_scalar(f"val/{name}", value, iteration)
+                if value is not None:  # undefined metric (no ground truth in that range)
+                    self.writer.add_scalar(f"val/{name}", value, iteration)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -55,6 +55,16 @@ class Detector(nn.Module):
     def build_criterion(self) -> Criterion:  # pragma: no cover
         raise NotImplementedError
 
+    def predict(self, images: list, *, score_thresh: float = 0.0, **resize) -> list[dict[str, Tensor]]:
+        """Detections of a list of images (PIL, ``[3, H, W]`` tensors or paths) in their own pixels.
+
+        See :func:`kdlab.engine.inference.predict_images` (``resize``: ``min_size``, ``max_size``,
+        ``size_divisor``, by default those the detector was trained with).
+        """
+        from kdlab.engine.inference import predict_images  # the engine imports the models, not the reverse
+
+        return predict_images(self, images, score_thresh=score_thresh, **resize)
+
 
 def weighted_total(terms: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
     """``sum_k weight_dict[k] * terms[k]`` over the terms that have a weight."""
