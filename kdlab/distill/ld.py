@@ -24,7 +24,9 @@ Normalisation (the paper-vs-code difference of METHODS.md §1):
   (``kdlab.utils.dist.reduce_normalizer``, like GFL's box losses); KD terms are (weighted) means over their region. Independent of images per batch.
 - ``variant="official"``: the released code's constants: ``sum_i w_i sum_edges LD_i,e / 4`` (main)
   and ``/ 16`` (VLR), so the loss grows with the number of images per GPU; Main/VLR KD are means over
-  each FPN level's locations, summed over levels; the VLR weighting defaults to ``"iou"``.
+  each FPN level's locations, summed over levels; the VLR weighting defaults to ``"iou"`` and the
+  VLR rule to the released code's ``inter / area(anchor) - rho^2/c^2`` (``vlr_rule="iof_diou"``,
+  :mod:`kdlab.distill.vlr`).
   ``images_per_gpu=k`` reproduces the scale of a released-code run with ``k`` images per GPU from
   any batch: the LD sums are multiplied by ``k / B`` (``B`` = this process's images), i.e. the mean
   of the official loss over ``k``-image chunks, as DDP averages its GPUs' gradients. With ``k = 2``
@@ -44,7 +46,7 @@ from torch import Tensor
 
 from kdlab.distill.base import DistillCriterion
 from kdlab.distill.common import check_corresponding_slots, check_teacher_student
-from kdlab.distill.vlr import VLR_WEIGHTINGS, vlr_weights
+from kdlab.distill.vlr import VLR_RULES, VLR_WEIGHTINGS, vlr_weights
 from kdlab.losses.ld import edge_ld, ld_kl_div
 from kdlab.models.base import Detector
 from kdlab.utils.dist import reduce_normalizer
@@ -81,6 +83,9 @@ class LD(DistillCriterion):
         vlr_alpha: the VLR's lower bound ``alpha * thr`` (0.25).
         vlr_weighting: ``"mask"`` (paper) or ``"iou"`` (released code); ``None``: ``"mask"`` for
             ``variant="kdlab"``, ``"iou"`` for ``variant="official"``.
+        vlr_rule: the overlap the VLR bounds, ``"diou"`` (paper) or ``"iof_diou"`` (released code:
+            ``inter / area(anchor) - rho^2/c^2``); ``None``: ``"diou"`` for ``variant="kdlab"``,
+            ``"iof_diou"`` for ``variant="official"`` (anchor-based heads; FCOS has its own region).
         vlr_exclude_positives: drop positives from the VLR (the released GFL head keeps them).
         variant: ``"kdlab"`` (normalised by the summed location weights) or ``"official"``
             (the released code's constant normalisation).
@@ -108,6 +113,7 @@ class LD(DistillCriterion):
         vlr_kd_temperature: float = 2.0,
         vlr_alpha: float = 0.25,
         vlr_weighting: str | None = None,
+        vlr_rule: str | None = None,
         vlr_exclude_positives: bool = False,
         variant: str = "kdlab",
         images_per_gpu: int | None = None,
@@ -126,6 +132,10 @@ class LD(DistillCriterion):
             vlr_weighting = "iou" if variant == "official" else "mask"
         if vlr_weighting not in VLR_WEIGHTINGS:
             raise ValueError(f"vlr_weighting must be one of {VLR_WEIGHTINGS}, got {vlr_weighting!r}")
+        if vlr_rule is None:
+            vlr_rule = "iof_diou" if variant == "official" else "diou"
+        if vlr_rule not in VLR_RULES:
+            raise ValueError(f"vlr_rule must be one of {tuple(VLR_RULES)}, got {vlr_rule!r}")
         weights = {"loss_ld": main_ld_weight, "loss_ld_vlr": vlr_ld_weight, "loss_kd": main_kd_weight, "loss_kd_vlr": vlr_kd_weight}
         temperatures = {"loss_ld": main_ld_temperature, "loss_ld_vlr": vlr_ld_temperature,
                         "loss_kd": main_kd_temperature, "loss_kd_vlr": vlr_kd_temperature}
@@ -140,6 +150,7 @@ class LD(DistillCriterion):
         self.images_per_gpu = images_per_gpu
         self.vlr_alpha = vlr_alpha
         self.vlr_weighting = vlr_weighting
+        self.vlr_rule = vlr_rule
         self.vlr_exclude_positives = vlr_exclude_positives
         self.atss_topk = atss_topk
 
@@ -191,7 +202,7 @@ class LD(DistillCriterion):
                 terms["loss_kd"] = weighted_mean(kd, pos_mask.float())
 
         if "loss_ld_vlr" in enabled or "loss_kd_vlr" in enabled:
-            region_weight = vlr_weights(student_out, self.vlr_alpha, self.vlr_weighting, self.atss_topk)  # [B, N]
+            region_weight = vlr_weights(student_out, self.vlr_alpha, self.vlr_weighting, self.atss_topk, self.vlr_rule)  # [B, N]
             if self.vlr_exclude_positives:
                 region_weight = region_weight * (~pos_mask).float()
             if "loss_ld_vlr" in enabled:
