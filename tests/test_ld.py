@@ -8,8 +8,15 @@ import pytest
 import torch
 from torchvision.ops import distance_box_iou
 
-from kdlab.distill import DistillationTask, build_distillation
-from kdlab.distill.ld import LD, OFFICIAL_MAIN_LD_DIVISOR, OFFICIAL_VLR_LD_DIVISOR
+from kdlab.config import load_config
+from kdlab.distill import DistillationTask, FineGrainedImitation, build_distillation
+from kdlab.distill.ld import (
+    CALIBRATED_LD_WEIGHTS,
+    LD,
+    OFFICIAL_MAIN_LD_DIVISOR,
+    OFFICIAL_VLR_LD_DIVISOR,
+    PUBLISHED_LD_WEIGHTS,
+)
 from kdlab.distill.vlr import anchor_free_vlr, candidate_iou_threshold, valuable_localization_region, vlr_weights
 from kdlab.losses.ld import edge_ld, ld_kl_div
 from kdlab.models import build_detector
@@ -367,12 +374,29 @@ def test_official_images_per_gpu_reproduces_a_k_image_gpu(models):
 
 def test_weights_switch_terms_and_published_defaults(models):
     default = LD(*models)
-    assert default.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
+    assert default.weight_dict == {"loss_ld": 2.0, "loss_ld_vlr": 3.25, "loss_kd": 10.0}  # calibrated (below)
+    assert LD(*models, variant="official").weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
     assert default.temperatures == {"loss_ld": 10.0, "loss_ld_vlr": 10.0, "loss_kd": 2.0, "loss_kd_vlr": 2.0}
     assert default.vlr_alpha == 0.25 and default.vlr_weighting == "mask" and default.variant == "kdlab"
     main_only = LD(*models, vlr_ld_weight=0, main_kd_weight=0)
     terms = main_only(_toy_output(1, seed=0), _toy_output(1, seed=1), [])
-    assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 0.25
+    assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 2.0
+    assert LD(*models, main_ld_weight=0.25).weight_dict["loss_ld"] == 0.25  # an explicit weight wins
+
+
+def test_kdlab_weights_are_the_published_ones_times_the_measured_ratio(models):
+    # experiments/ld_calibration.py on the shapes GFL student and teacher (12 batches of 16 training images),
+    # official term at 2 images per GPU / kdlab term, value and gradient on the head outputs:
+    # Main LD 0.61 untrained, 6.4 / 6.7 / 7.0 after 100 / 200 / 300 iterations (~11 trained): 0.25 x 8;
+    # VLR LD 12.3-12.8 (value), 13.1-13.4 (gradient) throughout: 0.25 x 13; Main KD ~1: 10 unchanged
+    assert CALIBRATED_LD_WEIGHTS == {"loss_ld": 0.25 * 8, "loss_ld_vlr": 0.25 * 13}
+    assert PUBLISHED_LD_WEIGHTS == {"loss_ld": 0.25, "loss_ld_vlr": 0.25}
+    # the Main LD ratio is the student's summed scores over the positives of 2 images (the measured quantity)
+    s_out, t_out = _toy_output(4, seed=0, pos=(0, 1)), _toy_output(4, seed=1, pos=(0, 1))
+    kdlab_term = LD(*models)(s_out, t_out, [])["loss_ld"]
+    official_term = LD(*models, variant="official", images_per_gpu=2)(s_out, t_out, [])["loss_ld"]
+    scores = s_out.cls_logits[0, :2].sigmoid().max(dim=1).values  # the same image 4 times
+    assert (official_term / kdlab_term).item() == pytest.approx(2 * scores.sum().item(), rel=1e-5)
     for bad in ({"variant": "paper"}, {"vlr_weighting": "soft"}, {"main_ld_weight": -1.0}, {"vlr_ld_temperature": 0.0}):
         with pytest.raises(ValueError):
             LD(*models, **bad)
@@ -478,6 +502,28 @@ def test_no_gradient_reaches_the_teacher():
     with torch.no_grad():
         t_out = teacher(_batch()[0], [(64, 64)] * 2)
     assert not t_out.box_logits.requires_grad
+
+
+def test_released_recipe_is_official_ld_at_2_images_per_gpu_plus_fine_grained_imitation(tmp_path):
+    student, teacher = _tiny_gfl(0), _tiny_gfl(1)
+    task = build_distillation("ld_released", student, teacher)
+    ld, imitation = task.distillers["ld"], task.distillers["fine_grained"]
+    assert isinstance(ld, LD) and (ld.variant, ld.images_per_gpu) == ("official", 2)
+    assert (ld.vlr_rule, ld.vlr_weighting) == ("iof_diou", "iou")  # the released region and weighting
+    assert ld.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}  # the published weights
+    assert isinstance(imitation, FineGrainedImitation) and imitation.weight_dict == {"loss_imitation": 2.0}
+    terms = task(*_batch())
+    assert {"loss_ld", "loss_ld_vlr", "loss_kd", "loss_imitation"} <= set(terms)
+    # a config overrides one method's option, keyed by the method's name; the rest stays the recipe's
+    path = tmp_path / "recipe.yaml"
+    path.write_text("distill: ld_released\nteacher_checkpoint: t.pt\ndistill_options:\n  ld:\n    main_kd_weight: 5.0\n")
+    cfg = load_config(path)
+    task = build_distillation(cfg.distill, student, teacher, cfg.distill_options)
+    ld, imitation = task.distillers["ld"], task.distillers["fine_grained"]
+    assert ld.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 5.0} and ld.images_per_gpu == 2
+    assert imitation.weight_dict == {"loss_imitation": 2.0}
+    with pytest.raises(ValueError, match="keyed by"):
+        build_distillation("ld_released", student, teacher, {"main_kd_weight": 5.0})
 
 
 # ---------------------------------------------------------------- the zoo's distribution-head RetinaNet and FCOS
