@@ -12,7 +12,8 @@ Runs (METHODS.md §2), with the quick CPU configurations ``configs/shapes_gid_{f
 - every family: the student alone; the student alone trained ``1 + r`` times as long, ``r`` the
   teacher's forward cost per student step, measured here (the *compute-matched* baseline,
   :func:`kdlab.engine.experiment.compute_matched_config`); GID full (feature + relation + response);
-- RetinaNet, the ablations: feature only; relation only; response only;
+- RetinaNet, the ablations: feature only; relation only; response only; feature + response (no
+  relation: does the relation term hold full GID below feature-only?);
 - Faster R-CNN: GISM and the response loss on the RPN.
 
 Teachers: ``data/checkpoints/shapes_{family}_teacher.pt`` when it exists, else trained first
@@ -72,10 +73,13 @@ VARIANTS: dict[str, tuple[str, dict | None]] = {
     "gid_feature": ("GID feature only", {"relation_weight": OFF, "response_cls_weight": OFF, "response_reg_weight": OFF}),
     "gid_relation": ("GID relation only", {"feature_weight": OFF, "response_cls_weight": OFF, "response_reg_weight": OFF}),
     "gid_response": ("GID response only", {"feature_weight": OFF, "relation_weight": OFF}),
+    # the relation term's gradient is 2-4x the detection loss's on the student (experiments/gid_terms.py):
+    # GID without it tests whether it is what holds full GID below feature-only
+    "gid_no_relation": ("GID feature + response (no relation)", {"relation_weight": OFF}),
 }
 LABELS = {variant: label for variant, (label, _) in VARIANTS.items()}
 FAMILIES: dict[str, list[str]] = {
-    "retinanet": ["student", "compute_matched", "gid", "gid_feature", "gid_relation", "gid_response"],
+    "retinanet": ["student", "compute_matched", "gid", "gid_feature", "gid_relation", "gid_response", "gid_no_relation"],
     "fcos": ["student", "compute_matched", "gid"],
     "faster_rcnn": ["student", "compute_matched", "gid"],
 }
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         sections.append(markdown(family, part, note))
         atomic_save_json(results, args.out / "results.json")
     # a real run publishes the tables notebook 03 shows (tracked in git)
-    write_results(results, sections, "GID experiment (shapes, quick CPU configurations)", args.out, "gid_shapes", REPO, smoke)
+    write_results(results, sections, "GID experiment (shapes, quick CPU configurations)", args.out, "gid_shapes", REPO, not smoke)
     return 0
 
 

@@ -39,9 +39,8 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 
 from kdlab.config import load_config  # noqa: E402
 from kdlab.engine.build import build_datasets, build_loader, build_task, named_trainable_parameters  # noqa: E402
-from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device, seed_everything  # noqa: E402
-from kdlab.engine.experiment import publish  # noqa: E402
+from kdlab.engine.experiment import write_results  # noqa: E402
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from kdlab.models.base import weighted_total  # noqa: E402
 
@@ -129,8 +128,7 @@ def summary(records: list[dict], first: int = 0) -> dict[str, dict[str, float]]:
 
 def markdown(results: dict) -> str:
     keys = ["value", "grad norm backbone+FPN", "grad norm head", RELATIVE, "cosine with detection"]
-    lines = ["## GID's terms against the detection loss (RetinaNet student, shapes, GID full)", "",
-             f"{results['iterations']} training iterations of `{results['config']}`, measured every "
+    lines = [f"{results['iterations']} training iterations of `{results['config']}`, measured every "
              f"{results['every']} (lr warm-up: the first {results['warmup_iters']}). Weighted values; gradients "
              "with respect to the student's parameters.", ""]
     for title, table in (("all measurements", results["mean"]),
@@ -169,13 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                "iterations": args.iters, "every": args.every, "warmup_iters": cfg.warmup_iters,
                "grad_clip": cfg.grad_clip, "weights": {k: v for k, v in cfg.distill_options.items() if k.endswith("weight")},
                "mean": summary(records), "mean_after_warmup": summary(records, cfg.warmup_iters), "records": records}
-    text = markdown(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_save_json(results, args.out / "results.json")
-    (args.out / "results.md").write_text(text)
-    if args.publish:
-        publish(results, text, "gid_terms", REPO)
-    print(text)
+    write_results(results, [markdown(results)], "GID's terms against the detection loss (RetinaNet student, shapes, "
+                  "GID full)", args.out, "gid_terms", REPO, args.publish)
     return 0
 
 

@@ -45,9 +45,9 @@ from kdlab.data import build_dataset, image_sizes_of  # noqa: E402
 from kdlab.distill.ld import LD  # noqa: E402
 from kdlab.distill.vlr import vlr_weights  # noqa: E402
 from kdlab.engine.build import build_loader, build_student  # noqa: E402
-from kdlab.engine.checkpoint import atomic_save_json, load_detector  # noqa: E402
+from kdlab.engine.checkpoint import load_detector  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
-from kdlab.engine.experiment import publish  # noqa: E402
+from kdlab.engine.experiment import write_results  # noqa: E402
 from kdlab.engine.loop import train  # noqa: E402
 
 TERMS = ("loss_ld", "loss_ld_vlr", "loss_kd")
@@ -124,8 +124,7 @@ def trained_students(cfg, iterations: list[int], out: Path):
 
 
 def markdown(results: dict) -> str:
-    lines = ["## LD loss scale: released code (2 images per GPU) / kdlab", "",
-             f"Batches of {results['batch_size']} training images ({results['batches']} batches), shapes, "
+    lines = [f"Batches of {results['batch_size']} training images ({results['batches']} batches), shapes, "
              f"teacher `{results['teacher']}`. Each cell: mean ± sample std [min, max] over the batches.", ""]
     for label, summary in results["students"].items():
         lines += [f"### {label}", "", "| quantity | value |", "|---|---|"]
@@ -179,13 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, path in sources():
         results["students"][label] = measure(load_detector(path, device), teacher, batches, device)
         print(f"measured: {label}", flush=True)
-    text = markdown(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_save_json(results, args.out / "results.json")
-    (args.out / "results.md").write_text(text)
-    if args.publish:
-        publish(results, text, "ld_calibration", REPO)
-    print(text)
+    write_results(results, [markdown(results)], "LD loss scale: released code (2 images per GPU) / kdlab", args.out,
+                  "ld_calibration", REPO, args.publish)
     return 0
 
 

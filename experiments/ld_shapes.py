@@ -240,10 +240,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: every setting, bccd only when ../shared/data/bccd exists (never with --quick)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="restrict every setting to these rows (each setting runs only those it defines)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"default 0 1 2, and {DEFAULT_SEEDS_FOR} unless --seeds or --seeds-for SETTING is given")
     parser.add_argument("--seeds-for", nargs="+", default=[], metavar="KEY=S,S", dest="seeds_for_list",
-                        help="seeds of a setting or of one setting's row, e.g. bccd=0 shapes/fitnet=0; they replace "
-                             f"the defaults {DEFAULT_SEEDS_FOR}")
+                        help="seeds of a setting or of one setting's row, e.g. bccd=0 shapes/fitnet=0")
     parser.add_argument("--teacher-cost", nargs="+", default=[], metavar="SETTING=R", dest="teacher_cost_list",
                         help="use this teacher-forward / student-step ratio instead of measuring it, e.g. shapes=0.9")
     parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch, no BCCD")
@@ -254,13 +254,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     smoke = args.quick or args.max_iters is not None
+    explicit_seeds, args.seeds = args.seeds is not None, args.seeds or [0, 1, 2]
     if args.out is None:
         args.out = REPO / "outputs" / ("ld_shapes_quick" if smoke else "ld_shapes")
     if args.settings is None:
         args.settings = [s for s in SETTINGS if SETTINGS[s].shapes or (SHARED_DATA / "bccd").is_dir() and not args.quick]
     keys = set(SETTINGS) | {f"{s}/{v}" for s, setting in SETTINGS.items() for v in setting.variants}
     try:
-        args.seeds_for = {**DEFAULT_SEEDS_FOR, **parse_seeds_for(args.seeds_for_list, keys)}
+        given = parse_seeds_for(args.seeds_for_list, keys)
+        # the 5-seed rows by default; not when the seeds of everything or of their setting are given
+        defaults = {} if explicit_seeds else {k: v for k, v in DEFAULT_SEEDS_FOR.items() if k.split("/")[0] not in given}
+        args.seeds_for = {**defaults, **given}
         args.teacher_cost = {k: float(v) for k, v in (item.split("=", 1) for item in args.teacher_cost_list)}
     except ValueError as err:
         parser.error(str(err))
@@ -305,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         part["seeds"] = chosen
         sections.append(markdown(name, part, note))
         atomic_save_json(results, args.out / "results.json")
-    write_results(results, sections, "LD experiment", args.out, "ld_shapes", REPO, smoke)
+    write_results(results, sections, "LD experiment", args.out, "ld_shapes", REPO, not smoke)
     return 0
 
 

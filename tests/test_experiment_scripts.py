@@ -65,6 +65,10 @@ def test_ld_rows_seeds_and_settings():
     assert chosen["kd_ld_vlr"] == chosen["fine_grained"] == chosen["student"] == [0, 1, 2, 3, 4]
     assert chosen["fitnet"] == [0] and chosen["main_ld_official"] == [0, 1, 2] and chosen["self_ld"] == [0, 1, 2]
     assert ld.row_seeds("fcos_dist", ["student", "kd_ld_vlr"], args.seeds, args) == {"student": [1], "kd_ld_vlr": [1]}
+    # explicit seeds (of everything, or of the setting) replace the 5-seed defaults
+    for explicit in (["--seeds", "0"], ["--seeds-for", "shapes=0"]):
+        args = ld.parse_args(["--settings", "shapes", *explicit])
+        assert set(ld.row_seeds("shapes", ["student", "kd_ld_vlr"], args.seeds, args)["kd_ld_vlr"]) == {0}
     for bad in (["--seeds-for", "fcos_dist/fine_grained=0"],  # FCOS has no anchors for fine-grained imitation
                 ["--seeds-for", "bccd/self_ld=0"], ["--teacher-cost", "coco=1"]):
         with pytest.raises(SystemExit):
@@ -129,7 +133,7 @@ def test_gid_script_smoke_test(tiny_shapes, tmp_path):
     assert gid.main(["--quick", "--max-iters", "2", "--data-root", str(tiny_shapes), "--out", str(tmp_path),
                      "--device", "cpu", "--teacher-cost", "retinanet=0.5", "fcos=0.5", "faster_rcnn=0.5"]) == 0
     text = (tmp_path / "results.md").read_text()
-    assert text.count("over the compute-matched student") == 4 + 1 + 1
+    assert text.count("over the compute-matched student") == 5 + 1 + 1
 
 
 @pytest.mark.slow

@@ -216,13 +216,16 @@ def ensure_shapes(root: Path) -> None:
         make_shapes(root)
 
 
-def write_results(results: dict, sections: list[str], title: str, out: Path, name: str, repo: Path, smoke: bool) -> str:
-    """``out/results.md`` (the sections under ``title``); a real run (not ``smoke``) also publishes
-    results and text to ``experiments/results/<name>.{json,md}``. Returns the text."""
+def write_results(results: dict, sections: list[str], title: str, out: Path, name: str, repo: Path,
+                  publish_to_repo: bool) -> str:
+    """``out/results.{json,md}`` (the markdown: the sections under ``title``), printed; with
+    ``publish_to_repo`` (a real run) also ``experiments/results/<name>.{json,md}`` (:func:`publish`).
+    Returns the markdown."""
     text = f"## {title}\n\n" + "\n\n".join(sections) + "\n"
     out.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(results, out / "results.json")
     (out / "results.md").write_text(text)
-    if not smoke:
+    if publish_to_repo:
         publish(results, text, name, repo)
     print(text)
     return text
