@@ -7,9 +7,12 @@ iterations and, every ``--every`` iterations, takes the gradient of each *weight
 with respect to the student's parameters (backbone + FPN, and head), before the ordinary step:
 
 - the term's weighted value;
-- the norm of its gradient, and that norm relative to the detection loss's gradient norm;
-- the cosine between its gradient and the detection loss's (> 0: it helps the detection loss
-  descend; < 0: it pulls against it).
+- the norm of its gradient on the backbone + FPN (where the feature and relation terms act: they
+  read RoIAligned FPN features) and on the head;
+- on the backbone + FPN, that norm relative to the detection loss's, and the cosine of the term's
+  gradient with the detection loss's (> 0: it helps the detection loss descend; ~0: it pushes the
+  features somewhere the detection loss does not care about) and with the feature term's;
+- the norm ratio and cosine on the whole student.
 
 The optimiser is AdamW, which normalises each parameter's step by its gradient's running RMS: what
 counts is how each term's gradient compares with the others' on the same parameters, not its
@@ -44,8 +47,7 @@ from kdlab.engine.experiment import write_results  # noqa: E402
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from kdlab.models.base import weighted_total  # noqa: E402
 
-PARTS = ("backbone+FPN", "head")
-RELATIVE = "grad norm / detection's"
+RELATIVE = "grad norm / detection's (backbone+FPN)"
 
 
 def term_groups(task, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -60,25 +62,35 @@ def term_groups(task, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def measure_terms(task, groups: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per term: weighted value, gradient norm on each part of the student, ratio to the detection
-    gradient's norm and cosine with it (whole student)."""
+    """Per term: weighted value; gradient norm on the backbone + FPN and on the head; on the backbone
+    + FPN (where the feature and relation terms act) the norm relative to the detection loss's and
+    the cosine with the detection loss's and with the feature term's gradient; the same two on the
+    whole student."""
     named = [(n, p) for n, p in task.student.named_parameters() if p.requires_grad]
-    part_of = ["backbone+FPN" if n.startswith("backbone.") else "head" for n, _ in named]
+    in_backbone = torch.tensor([n.startswith("backbone.") for n, _ in named])
     params = [p for _, p in named]
-    flat: dict[str, torch.Tensor] = {}
+    whole: dict[str, torch.Tensor] = {}
+    backbone: dict[str, torch.Tensor] = {}
     stats: dict[str, dict[str, float]] = {}
     for name, value in groups.items():
         grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-        flat[name] = torch.cat([g.flatten().float() for g in grads])
-        stats[name] = {"value": value.item(), "grad norm": flat[name].norm().item()}
-        for part in PARTS:
-            stats[name][f"grad norm {part}"] = torch.cat(
-                [g.flatten().float() for g, q in zip(grads, part_of) if q == part]).norm().item()
-    reference = flat["detection"]
+        grads = [(torch.zeros_like(p) if g is None else g).flatten().float() for g, p in zip(grads, params)]
+        whole[name] = torch.cat(grads)
+        backbone[name] = torch.cat([g for g, inside in zip(grads, in_backbone) if inside])
+        head = torch.cat([g for g, inside in zip(grads, in_backbone) if not inside])
+        stats[name] = {"value": value.item(), "grad norm backbone+FPN": backbone[name].norm().item(),
+                       "grad norm head": head.norm().item()}
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+
     for name in groups:
-        stats[name][RELATIVE] = stats[name]["grad norm"] / max(reference.norm().item(), 1e-12)
-        stats[name]["cosine with detection"] = torch.nn.functional.cosine_similarity(flat[name], reference, dim=0).item()
+        stats[name][RELATIVE] = stats[name]["grad norm backbone+FPN"] / max(backbone["detection"].norm().item(), 1e-12)
+        stats[name]["cos detection (backbone+FPN)"] = cosine(backbone[name], backbone["detection"])
+        if "loss_gid_feature" in backbone:
+            stats[name]["cos feature term (backbone+FPN)"] = cosine(backbone[name], backbone["loss_gid_feature"])
+        stats[name]["grad norm / detection's (whole student)"] = whole[name].norm().item() / max(whole["detection"].norm().item(), 1e-12)
+        stats[name]["cos detection (whole student)"] = cosine(whole[name], whole["detection"])
     return stats
 
 
@@ -101,7 +113,7 @@ def train_and_measure(cfg, iterations: int, every: int) -> list[dict]:
                 records.append({"iteration": iteration, "lr": optimizer.param_groups[0]["lr"],
                                 "terms": measure_terms(task, term_groups(task, terms))})
                 print(f"iteration {iteration}: " + ", ".join(
-                    f"{k} {v[RELATIVE]:.2f}x cos {v['cosine with detection']:+.2f}"
+                    f"{k} {v[RELATIVE]:.2f}x cos {v['cos detection (backbone+FPN)']:+.2f}"
                     for k, v in records[-1]["terms"].items() if k != "detection"), flush=True)
             total = weighted_total(terms, task.weight_dict)
             optimizer.zero_grad(set_to_none=True)
@@ -127,7 +139,8 @@ def summary(records: list[dict], first: int = 0) -> dict[str, dict[str, float]]:
 
 
 def markdown(results: dict) -> str:
-    keys = ["value", "grad norm backbone+FPN", "grad norm head", RELATIVE, "cosine with detection"]
+    keys = ["value", "grad norm backbone+FPN", "grad norm head", RELATIVE, "cos detection (backbone+FPN)",
+            "cos feature term (backbone+FPN)", "grad norm / detection's (whole student)", "cos detection (whole student)"]
     lines = [f"{results['iterations']} training iterations of `{results['config']}`, measured every "
              f"{results['every']} (lr warm-up: the first {results['warmup_iters']}). Weighted values; gradients "
              "with respect to the student's parameters.", ""]
@@ -135,7 +148,7 @@ def markdown(results: dict) -> str:
                          (f"after the warm-up (iteration >= {results['warmup_iters']})", results["mean_after_warmup"])):
         lines += [f"### mean over {title}", "", "| term | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
         for name, stats in table.items():
-            lines.append(f"| {name} | " + " | ".join(f"{stats[k]:.3g}" for k in keys) + " |")
+            lines.append(f"| {name} | " + " | ".join(f"{stats[k]:.3g}" if k in stats else "–" for k in keys) + " |")
         lines.append("")
     clipped = [r["total grad norm"] for r in results["records"] if "total grad norm" in r]
     if clipped:
