@@ -55,6 +55,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 
 from kdlab.config import load_config  # noqa: E402
 from kdlab.data import build_dataset  # noqa: E402
+from kdlab.distill.ld import CALIBRATED_LD_WEIGHTS, PUBLISHED_LD_WEIGHTS  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.experiment import (  # noqa: E402
     cached_teacher_cost_ratio,
@@ -77,20 +78,25 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIGS, CHECKPOINTS = REPO / "configs", REPO / "data" / "checkpoints"
 TARGET_GAIN = 1.5  # AP points, the full recipe over the student alone (the target)
 
+# The LD rows spell out the weights (and the released VLR rule) that the code's defaults would give: the
+# saved configs say what ran, and a run of an older kdlab with other defaults is never mistaken for one
+KDLAB_SCALE = {"main_ld_weight": CALIBRATED_LD_WEIGHTS["loss_ld"], "vlr_ld_weight": CALIBRATED_LD_WEIGHTS["loss_ld_vlr"]}
+RELEASED_SCALE = {"variant": "official", "images_per_gpu": 2, "vlr_rule": "iof_diou",  # the released code's loss
+                  "main_ld_weight": PUBLISHED_LD_WEIGHTS["loss_ld"], "vlr_ld_weight": PUBLISHED_LD_WEIGHTS["loss_ld_vlr"]}
 MAIN_LD_ONLY = {"vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
-RELEASED_SCALE = {"variant": "official", "images_per_gpu": 2}  # the released code's loss scale, published weights
 # row -> (label, distill (None: the student alone), distill_options)
 VARIANTS: dict[str, tuple[str, str | None, dict]] = {
     "student": ("student alone", None, {}),
     "compute_matched": ("student alone, trained 1 + r times as long (compute-matched)", None, {}),
-    "main_ld": ("Main LD (kdlab scale, calibrated weight)", "ld", MAIN_LD_ONLY),
-    "main_ld_official": ("Main LD, released-code scale (2 img/GPU)", "ld", {**MAIN_LD_ONLY, **RELEASED_SCALE}),
-    "kd_ld_vlr": ("Main KD + Main LD + VLR LD (kdlab scale, calibrated weights)", "ld", {}),
+    "main_ld": ("Main LD (kdlab scale, calibrated weight)", "ld", {**KDLAB_SCALE, **MAIN_LD_ONLY}),
+    "main_ld_official": ("Main LD, released-code scale (2 img/GPU)", "ld", {**RELEASED_SCALE, **MAIN_LD_ONLY}),
+    "kd_ld_vlr": ("Main KD + Main LD + VLR LD (kdlab scale, calibrated weights)", "ld", KDLAB_SCALE),
     "kd_ld_vlr_official": ("Main KD + Main LD + VLR LD, released-code scale (2 img/GPU)", "ld", RELEASED_SCALE),
-    "ld_released": ("released recipe: LD at 2 img/GPU + fine-grained imitation (ld_released)", "ld_released", {}),
+    "ld_released": ("released recipe: LD at 2 img/GPU + fine-grained imitation (ld_released)", "ld_released",
+                    {"ld": {"vlr_rule": "iof_diou"}}),
     "fitnet": ("FitNets", "fitnet", {}),
     "fine_grained": ("fine-grained imitation", "fine_grained", {}),
-    "self_ld": ("self-LD (Main + VLR LD)", "ld", {"main_kd_weight": 0.0}),
+    "self_ld": ("self-LD (Main + VLR LD)", "ld", {**KDLAB_SCALE, "main_kd_weight": 0.0}),
 }
 LABELS = {variant: label for variant, (label, _, _) in VARIANTS.items()}
 FULL_LD = ("kd_ld_vlr", "kd_ld_vlr_official", "ld_released")

@@ -87,9 +87,15 @@ def test_ld_row_fields():
     assert ld.row_fields("student", 3, out, teacher)["distill"] is None
     main = ld.row_fields("main_ld_official", 0, out, teacher)
     assert main["distill"] == "ld" and main["teacher_checkpoint"] == "/t.pt"
-    assert main["distill_options"] == {"vlr_ld_weight": 0.0, "main_kd_weight": 0.0, "variant": "official", "images_per_gpu": 2}
+    # the weights are spelled out in the saved config: a run of older defaults (0.25 at kdlab's scale) never matches
+    assert main["distill_options"] == {"variant": "official", "images_per_gpu": 2, "vlr_rule": "iof_diou",
+                                       "main_ld_weight": 0.25, "vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
+    assert ld.row_fields("kd_ld_vlr", 0, out, teacher)["distill_options"] == {"main_ld_weight": 2.0, "vlr_ld_weight": 3.25}
+    assert ld.row_fields("main_ld", 0, out, teacher)["distill_options"] == {
+        "main_ld_weight": 2.0, "vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
     recipe = ld.row_fields("ld_released", 1, out, teacher)
     assert recipe["distill"] == "ld_released" and recipe["output_dir"] == "/runs/shapes/ld_released/seed1"
+    assert recipe["distill_options"] == {"ld": {"vlr_rule": "iof_diou"}}
     assert ld.row_fields("self_ld", 2, out, teacher)["teacher_checkpoint"] == "/runs/shapes/student/seed2/student.pt"
 
 
