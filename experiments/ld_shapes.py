@@ -1,224 +1,321 @@
-"""LD's experiment on shapes (and BCCD when present): student alone vs LD vs feature imitation.
+"""LD's experiment: the student alone (and trained longer) vs LD at both loss scales vs feature imitation.
 
-One command, three seeds per variant, every run through the engine (``kdlab.engine.train``)::
+One command, every run through the engine (``kdlab.engine.train``)::
 
-    python experiments/ld_shapes.py                          # 7 variants x 3 seeds, shapes (+ BCCD)
-    python experiments/ld_shapes.py --quick --max-iters 2    # smoke test: 1 seed, a few iterations
+    python experiments/ld_shapes.py                               # every setting below (BCCD when present)
+    python experiments/ld_shapes.py --quick --max-iters 2         # smoke test: seed 0, 2 iterations, no BCCD
+    python experiments/ld_shapes.py --settings shapes --variants student main_ld main_ld_official
+    python experiments/ld_shapes.py --seeds-for shapes/fitnet=0 bccd=0,1,2   # seeds per setting or row
 
-Variants (METHODS.md §1): the student alone; Main LD; Main KD + Main LD + VLR LD (the published
-best), with kdlab's normalisation and again at the released code's loss scale (its constant
-normalisation at the authors' 2 images per GPU, under which the published weights were set);
-FitNets; fine-grained imitation; self-LD (the teacher is the student-alone model of the
-same seed: same architecture, trained with the same recipe). Every distilled run uses the same
-schedule, seed and data order as the student alone.
+Settings (METHODS.md §1), each with its own teacher:
 
-Teachers: on shapes ``--teacher-checkpoint`` (``data/checkpoints/shapes_gfl_teacher.pt``) when it
-exists, else it is trained first with ``--teacher-config``; on BCCD a teacher is always trained
-first (same teacher config, BCCD data). Finished runs are reused when their saved config equals
-the new one (an interrupted command continues where it stopped; a run with its ``last.pt`` resumes).
+- ``shapes``: the GFL student (``configs/shapes_gfl_student.yaml``) and the project's GFL teacher
+  (``data/checkpoints/shapes_gfl_teacher.pt``), every row below;
+- ``bccd``: the same models on BCCD blood smears (``../shared/data/bccd``, 205 training images at
+  320 x 240, batch 8), with a schedule of their own (:data:`BCCD_STUDENT`, :data:`BCCD_TEACHER`:
+  36 epochs = 936 iterations for the student, warm-up 100; the student's AP is evaluated every 6
+  epochs so that the table shows whether it has plateaued); the teacher is trained first;
+- ``retinanet_dist`` / ``fcos_dist``: RetinaNet and FCOS whose box branch outputs edge distributions
+  (``configs/shapes_{retinanet,fcos}_dist_r18.yaml``) with teachers of the same heads
+  (``configs/shapes_{retinanet,fcos}_dist_teacher.yaml``, trained first unless
+  ``data/checkpoints/shapes_{family}_dist_teacher.pt`` exists); FCOS's VLR is the released code's
+  anchor-free one (:func:`kdlab.distill.vlr.anchor_free_vlr`).
 
-Outputs under ``--out`` (default ``outputs/ld_shapes``, ``outputs/ld_shapes_quick`` with
-``--quick``/``--max-iters``): one run folder per dataset/variant/seed, ``results.json`` (every
-run's metrics, the teachers', and the mean/std table) and ``results.md`` (mean ± std over seeds of
-AP, AP75, APs in %, sample std; ``–`` for a metric without ground truth to score). A full run (not
-a smoke test) with every variant and 3 or more seeds also copies both files to
-``experiments/results/ld_shapes.{json,md}``, which are tracked in git and shown by notebook 02 as
-the stored full run.
+Rows (:data:`VARIANTS`): the student alone; the student alone trained ``1 + r`` times as long, ``r`` the
+teacher's forward cost per student step measured here (compute-matched,
+:func:`kdlab.engine.experiment.compute_matched_config`); Main LD alone and Main KD + Main LD + VLR LD,
+each at kdlab's normalisation with its calibrated default weights (``experiments/ld_calibration.py``)
+and at the released code's scale (``variant="official"``, 2 images per GPU, the published weights);
+the released recipe (``distill: ld_released``: LD at the released scale + fine-grained imitation,
+weight 2.0); FitNets and fine-grained imitation; self-LD (teacher = the student-alone run of the same
+seed). Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
+(full LD, fine-grained imitation, and the student alone they are compared with): :data:`DEFAULT_SEEDS_FOR`.
+
+Every distilled run uses the schedule, seed and data order of its student-alone run. Finished runs
+are reused when their saved config equals the new one; an interrupted run resumes from its ``last.pt``.
+Outputs under ``--out`` (default ``outputs/ld_shapes``, ``outputs/ld_shapes_quick`` for smoke tests):
+one folder per setting/row/seed, ``results.json`` and ``results.md`` (mean ± sample std over each row's
+seeds; every distilled row against the student alone and the compute-matched student). A real run
+publishes both to ``experiments/results/ld_shapes.{json,md}`` (tracked; notebook 02 shows them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from any directory without installing kdlab
     sys.path.insert(0, str(REPO))
 
-from kdlab.config import TrainConfig, load_config  # noqa: E402
+from kdlab.config import load_config  # noqa: E402
 from kdlab.data import build_dataset  # noqa: E402
-from kdlab.engine import build_loader, evaluate, load_detector, train  # noqa: E402
-from kdlab.engine.experiment import make_config, relative_to, run  # noqa: E402
+from kdlab.distill.ld import CALIBRATED_LD_WEIGHTS, PUBLISHED_LD_WEIGHTS  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
-from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
-from kdlab.eval import UNDEFINED, format_metric  # noqa: E402
+from kdlab.engine.experiment import (  # noqa: E402
+    cached_teacher_cost_ratio,
+    comparison_lines,
+    compute_matched_config,
+    ensure_shapes,
+    make_config,
+    mean_std,
+    parse_seeds_for,
+    relative_to,
+    results_table,
+    run,
+    run_fields,
+    seeds_per_row,
+    teacher_metrics,
+    write_results,
+)
 
 SHARED_DATA = REPO.parent / "shared" / "data"
-METRICS = ("AP", "AP75", "APs")
+CONFIGS, CHECKPOINTS = REPO / "configs", REPO / "data" / "checkpoints"
+TARGET_GAIN = 1.5  # AP points, the full recipe over the student alone (the issue's target)
 
-# name -> (label, distiller name or None, distill_options); "self_ld" takes the student-alone run as teacher
+# The LD rows spell out the weights (and the released VLR rule) that the code's defaults would give: the
+# saved configs say what ran, and a run of an older kdlab with other defaults is never mistaken for one
+KDLAB_SCALE = {"main_ld_weight": CALIBRATED_LD_WEIGHTS["loss_ld"], "vlr_ld_weight": CALIBRATED_LD_WEIGHTS["loss_ld_vlr"]}
+RELEASED_SCALE = {"variant": "official", "images_per_gpu": 2, "vlr_rule": "iof_diou",  # the released code's loss
+                  "main_ld_weight": PUBLISHED_LD_WEIGHTS["loss_ld"], "vlr_ld_weight": PUBLISHED_LD_WEIGHTS["loss_ld_vlr"]}
+MAIN_LD_ONLY = {"vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
+# row -> (label, distill (None: the student alone), distill_options)
 VARIANTS: dict[str, tuple[str, str | None, dict]] = {
     "student": ("student alone", None, {}),
-    "main_ld": ("Main LD", "ld", {"vlr_ld_weight": 0.0, "main_kd_weight": 0.0}),
-    "kd_ld_vlr": ("Main KD + Main LD + VLR LD", "ld", {}),
-    # the same recipe at the released code's loss scale: its constant LD normalisation with the
-    # authors' 2 images per GPU (LD's images_per_gpu; the published weights were set under it)
-    "kd_ld_vlr_official": ("Main KD + Main LD + VLR LD, released-code scale (2 img/GPU)", "ld",
-                           {"variant": "official", "images_per_gpu": 2}),
+    "compute_matched": ("student alone, trained 1 + r times as long (compute-matched)", None, {}),
+    "main_ld": ("Main LD (kdlab scale, calibrated weight)", "ld", {**KDLAB_SCALE, **MAIN_LD_ONLY}),
+    "main_ld_official": ("Main LD, released-code scale (2 img/GPU)", "ld", {**RELEASED_SCALE, **MAIN_LD_ONLY}),
+    "kd_ld_vlr": ("Main KD + Main LD + VLR LD (kdlab scale, calibrated weights)", "ld", KDLAB_SCALE),
+    "kd_ld_vlr_official": ("Main KD + Main LD + VLR LD, released-code scale (2 img/GPU)", "ld", RELEASED_SCALE),
+    "ld_released": ("released recipe: LD at 2 img/GPU + fine-grained imitation (ld_released)", "ld_released",
+                    {"ld": {"vlr_rule": "iof_diou"}}),
     "fitnet": ("FitNets", "fitnet", {}),
     "fine_grained": ("fine-grained imitation", "fine_grained", {}),
-    "self_ld": ("self-LD (Main + VLR LD)", "ld", {"main_kd_weight": 0.0}),
+    "self_ld": ("self-LD (Main + VLR LD)", "ld", {**KDLAB_SCALE, "main_kd_weight": 0.0}),
 }
-IMITATION_VARIANTS = ("fitnet", "fine_grained")
+LABELS = {variant: label for variant, (label, _, _) in VARIANTS.items()}
+FULL_LD = ("kd_ld_vlr", "kd_ld_vlr_official", "ld_released")
+IMITATION = ("fitnet", "fine_grained")
 
-# dataset -> config overrides on top of the student/teacher configs (shapes: the configs as they are)
-DATASETS: dict[str, dict] = {
-    "shapes": {},
-    # 640 x 480 blood-smear images, 3 classes, 205 training images, shown at half size (320 x 240: cells
-    # of 25-50 px, platelets of 10-15 px, 5x the pixels of a shapes image) with half the batch (the
-    # configs' lr is per base_batch_size and scales linearly); each config keeps its own epochs
-    "bccd": {"data_root": str(SHARED_DATA / "bccd"), "train_split": "train", "val_split": "val",
-             "min_size": 240, "max_size": 320, "batch_size": 8, "eval_every": 0},
+BCCD_DATA = {"data_root": str(SHARED_DATA / "bccd"), "train_split": "train", "val_split": "val",
+             "min_size": 240, "max_size": 320, "batch_size": 8}
+# 640 x 480 blood-smear images, 3 classes, 205 training images, shown at half size (cells of 25-50 px,
+# platelets of 10-15 px) with half the batch (the configs' lr is per base_batch_size and scales linearly):
+# 26 iterations an epoch. The student: 36 epochs (936 iterations), warm-up 100 iterations (the shapes
+# configs' 200 would outlast a 6-epoch BCCD run of 156), lr drops at epochs 27 and 33, AP every 6 epochs.
+BCCD_STUDENT = {**BCCD_DATA, "epochs": 36, "lr_steps": [27, 33], "warmup_iters": 100, "eval_every": 6}
+# the teacher (ResNet-34 at width 32) trains 60 epochs (1560 iterations): clearly ahead of the student
+BCCD_TEACHER = {**BCCD_DATA, "epochs": 60, "lr_steps": [45, 54], "warmup_iters": 100, "eval_every": 20}
+
+
+@dataclass
+class Setting:
+    """One student/teacher pair on one dataset, and the rows it runs."""
+
+    title: str
+    student_config: Path
+    teacher_config: Path
+    teacher_checkpoint: Path | None  # None or absent: trained first from teacher_config
+    variants: tuple[str, ...]
+    student_fields: dict = field(default_factory=dict)  # overrides of both configs' data and schedule
+    teacher_fields: dict = field(default_factory=dict)
+    shapes: bool = True  # runs on the shapes set (``--data-root`` applies)
+
+
+SETTINGS: dict[str, Setting] = {
+    "shapes": Setting("shapes, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
+                      CHECKPOINTS / "shapes_gfl_teacher.pt", tuple(VARIANTS)),
+    "bccd": Setting("BCCD, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml", None,
+                    ("student", "compute_matched", "main_ld", "main_ld_official", "kd_ld_vlr", "kd_ld_vlr_official",
+                     "ld_released", "fine_grained"), BCCD_STUDENT, BCCD_TEACHER, shapes=False),
+    "retinanet_dist": Setting("shapes, RetinaNet with a distribution box head", CONFIGS / "shapes_retinanet_dist_r18.yaml",
+                              CONFIGS / "shapes_retinanet_dist_teacher.yaml",
+                              CHECKPOINTS / "shapes_retinanet_dist_teacher.pt",
+                              ("student", "compute_matched", "main_ld", "kd_ld_vlr")),
+    "fcos_dist": Setting("shapes, FCOS with a distribution box head", CONFIGS / "shapes_fcos_dist_r18.yaml",
+                         CONFIGS / "shapes_fcos_dist_teacher.yaml", CHECKPOINTS / "shapes_fcos_dist_teacher.pt",
+                         ("student", "compute_matched", "main_ld", "kd_ld_vlr")),
 }
+FIVE = [0, 1, 2, 3, 4]
+DEFAULT_SEEDS_FOR = {"shapes/student": FIVE, "shapes/kd_ld_vlr": FIVE, "shapes/fine_grained": FIVE}
 
 
-def evaluate_checkpoint(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str, float]:
-    """COCO metrics of a saved detector on ``cfg``'s validation split (cached in ``cache``)."""
-    if cache.is_file() and json.loads(cache.read_text()).get("checkpoint_mtime") == checkpoint.stat().st_mtime:
-        return json.loads(cache.read_text())["metrics"]
-    device = resolve_device(cfg.device)
-    dataset = build_dataset(cfg.data_root, cfg.val_split, train=False, min_size=cfg.min_size, max_size=cfg.max_size)
-    loader = build_loader(dataset, cfg, DistContext(0, 1, 0, device), train=False)
-    metrics = evaluate(load_detector(checkpoint, device), loader, device, amp=cfg.amp)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_json({"checkpoint": str(checkpoint), "checkpoint_mtime": checkpoint.stat().st_mtime, "metrics": metrics}, cache)
-    return metrics
+def row_fields(variant: str, seed: int, out: Path, teacher: Path) -> dict:
+    """Config fields of one row and seed (on top of the setting's student config and fields)."""
+    _, distill, options = VARIANTS[variant]
+    fields = {"seed": seed, "output_dir": str(out / variant / f"seed{seed}"), "teacher_config": None}
+    if distill is None:
+        return {**fields, "distill": None, "distill_options": {}, "teacher_checkpoint": None}
+    if variant == "self_ld":  # the teacher: the student-alone model of the same seed
+        teacher = out / "student" / f"seed{seed}" / "student.pt"
+    return {**fields, "distill": distill, "distill_options": dict(options), "teacher_checkpoint": str(teacher)}
 
 
-def summarise(runs: dict[str, dict[int, dict[str, float | None]]]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
-    """``{variant: {metric: (mean, std)}}`` in %, over the seeds where the metric is defined (sample
-    std, None from a single value; the mean is None where no seed has it, e.g. APs without small objects)."""
-    table = {}
-    for variant, by_seed in runs.items():
-        table[variant] = {}
-        for metric in METRICS:
-            values = [100 * m[metric] for m in by_seed.values() if m[metric] is not None]
-            table[variant][metric] = (statistics.mean(values) if values else None,
-                                      statistics.stdev(values) if len(values) > 1 else None)
-    return table
+def learning_curve(run_dir: Path) -> dict[int, float]:
+    """``{epoch: AP in %}`` of a run's periodic evaluations (``eval_epoch{n}.json``)."""
+    curve = {}
+    for path in run_dir.glob("eval_epoch*.json"):
+        curve[int(path.stem.removeprefix("eval_epoch"))] = 100 * json.loads(path.read_text())["AP"]
+    return dict(sorted(curve.items()))
 
 
-def cell(mean: float | None, std: float | None) -> str:
-    """``mean ± std``, the bare mean from a single value, ``–`` when undefined."""
-    if mean is None:
-        return UNDEFINED
-    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+def run_setting(name: str, variants: list[str], seeds: dict[str, list[int]], args: argparse.Namespace,
+                common: dict) -> dict:
+    """The teacher (trained first when needed), its measured cost, then every row for every seed."""
+    setting, out = SETTINGS[name], args.out / name
+    fields = {**setting.student_fields, **common}
+    checkpoint = setting.teacher_checkpoint
+    if checkpoint is None or not checkpoint.is_file():
+        print(f"[{name}] training the teacher ({setting.teacher_config.name})", flush=True)
+        run(make_config(setting.teacher_config, {**setting.teacher_fields, **common, "output_dir": str(out / "teacher"),
+                                                 "seed": 0}))
+        checkpoint = out / "teacher" / "student.pt"
+    base = make_config(setting.student_config, fields)
+    teacher = teacher_metrics(base, checkpoint, out / "teacher_eval.json")
+    ratio = None
+    if "compute_matched" in variants:
+        ratio = args.teacher_cost.get(name)
+        if ratio is None:
+            ratio = cached_teacher_cost_ratio(base, checkpoint, out / "teacher_cost.json")
+        print(f"[{name}] teacher forward / student step = {ratio:.2f}", flush=True)
+        train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size,
+                                  max_size=base.max_size)
+        iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
+    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
+    for seed in sorted({s for v in variants for s in seeds[v]}):
+        # self-LD reads the student-alone run of its seed: the student first
+        for variant in sorted((v for v in variants if seed in seeds[v]), key=lambda v: v != "student"):
+            cfg = make_config(setting.student_config, {**fields, **row_fields(variant, seed, out, checkpoint)})
+            if variant == "compute_matched":
+                cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
+            runs[variant][seed] = run(cfg)
+    curves = {str(seed): learning_curve(out / "student" / f"seed{seed}") for seed in runs.get("student", {})}
+    return {"title": setting.title, "teacher_checkpoint": relative_to(checkpoint, REPO), "teacher": teacher,
+            "teacher_cost_ratio": ratio, "runs": runs, "student_curves": curves,
+            "table": {v: {m: list(c) for m, c in mean_std(by_seed).items()} for v, by_seed in runs.items()}}
 
 
-def markdown(dataset: str, table: dict, teacher: dict[str, float], seeds: list[int], note: str) -> str:
-    """The markdown table of one dataset, with the issue's two targets checked."""
-    lines = [f"### {dataset} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}: {seeds}){note}", "",
-             "| run | " + " | ".join(METRICS) + " |", "|---|" + "---|" * len(METRICS),
-             "| teacher | " + " | ".join(format_metric(teacher[m]) for m in METRICS) + " |"]
-    for variant, cells in table.items():
-        lines.append(f"| {VARIANTS[variant][0]} | " + " | ".join(cell(mean, std) for mean, std in cells.values()) + " |")
-    lines.append("")
-    for full in ("kd_ld_vlr", "kd_ld_vlr_official"):
-        if not {"student", full} <= table.keys() or None in (table[full]["AP"][0], table["student"]["AP"][0]):
-            continue  # AP undefined: a validation split without ground truth
-        gain = table[full]["AP"][0] - table["student"]["AP"][0]
-        lines.append(f"- {VARIANTS[full][0]} vs student alone: {gain:+.1f} AP (target >= +1.5): "
-                     f"{'met' if gain >= 1.5 else 'NOT met'}")
-        imitation = [v for v in IMITATION_VARIANTS if v in table]
-        if imitation:
-            best = max(imitation, key=lambda v: table[v]["AP"][0])
-            margin = table[full]["AP"][0] - table[best]["AP"][0]
-            lines.append(f"- {VARIANTS[full][0]} vs best feature imitation ({VARIANTS[best][0]}): {margin:+.1f} AP "
-                         f"(target > 0): {'met' if margin > 0 else 'NOT met'}")
+def paired_difference(runs: dict[str, dict[int, dict[str, float]]], a: str, b: str) -> tuple[float, float | None, list[int]]:
+    """Mean and sample std of ``AP(a) - AP(b)`` (in %) over the seeds both rows ran, and those seeds."""
+    shared = sorted(set(runs[a]) & set(runs[b]))
+    diffs = [100 * (runs[a][s]["AP"] - runs[b][s]["AP"]) for s in shared]
+    if not diffs:
+        return float("nan"), None, []
+    return statistics.mean(diffs), statistics.stdev(diffs) if len(diffs) > 1 else None, shared
+
+
+def markdown(name: str, part: dict, note: str) -> str:
+    """One setting's table, every distilled row against the two baselines, full LD against imitation
+    (paired over the shared seeds), and the student's learning curve where it was evaluated."""
+    runs = {v: {int(s): m for s, m in by_seed.items()} for v, by_seed in part["runs"].items()}
+    lines = results_table(f"{name}: {part['title']}{note}", part["teacher"], runs, LABELS)
+    if part.get("teacher_cost_ratio") is not None:
+        lines += ["", f"Teacher forward / student step, measured: r = {part['teacher_cost_ratio']:.2f}."]
+    lines += [""] + comparison_lines(runs, LABELS, [v for v in runs if VARIANTS[v][1] is not None])
+    for full in (v for v in FULL_LD if v in runs):
+        if "student" in runs:
+            gain = part["table"][full]["AP"][0] - part["table"]["student"]["AP"][0]
+            lines.append(f"- {LABELS[full]}: target >= +{TARGET_GAIN} AP over the student alone "
+                         f"{'met' if gain >= TARGET_GAIN else 'NOT met'}")
+        for imitation in (v for v in IMITATION if v in runs):
+            mean, std, shared = paired_difference(runs, full, imitation)
+            if not shared:
+                continue
+            spread = "" if std is None else f" ± {std:.1f}"
+            verdict = ("not resolved: the difference is within one std" if std is not None and abs(mean) <= std
+                       else "better" if mean > 0 else "worse")
+            lines.append(f"- {LABELS[full]} − {LABELS[imitation]}, paired over seeds {shared}: "
+                         f"{mean:+.1f}{spread} AP ({verdict})")
+    curves = {seed: curve for seed, curve in part.get("student_curves", {}).items() if len(curve) > 1}
+    if curves:
+        epochs = sorted({e for curve in curves.values() for e in curve})
+        mean_curve = ", ".join(f"epoch {e}: {statistics.mean(c[e] for c in curves.values() if e in c):.1f}"
+                               for e in epochs)
+        lines.append(f"- student alone, AP during training (mean over seeds): {mean_curve}")
     return "\n".join(lines)
-
-
-def run_dataset(name: str, args: argparse.Namespace, seeds: list[int], common: dict) -> dict:
-    """Teacher, then every variant for every seed, on one dataset; returns its part of results.json."""
-    out = args.out / name
-    fields = {**DATASETS[name], **common}
-    if name == "shapes" and args.teacher_checkpoint.is_file():
-        teacher_ckpt = args.teacher_checkpoint
-    else:
-        print(f"[{name}] training the teacher ({args.teacher_config})", flush=True)
-        run(make_config(args.teacher_config, {**fields, "output_dir": str(out / "teacher"), "seed": 0}))
-        teacher_ckpt = out / "teacher" / "student.pt"
-    eval_cfg = make_config(args.student_config, fields)  # the data and resize of the students' evaluation
-    teacher_metrics = evaluate_checkpoint(eval_cfg, teacher_ckpt, out / "teacher_eval.json")
-    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in args.variants}
-    for seed in seeds:
-        for variant in ["student"] + [v for v in args.variants if v != "student"]:  # self-LD needs the student run
-            _, distill, options = VARIANTS[variant]
-            teacher = str(out / "student" / f"seed{seed}" / "student.pt") if variant == "self_ld" else str(teacher_ckpt)
-            cfg = make_config(args.student_config, {
-                **fields, "seed": seed, "output_dir": str(out / variant / f"seed{seed}"), "distill": distill,
-                "distill_options": dict(options), "teacher_checkpoint": teacher if distill else None, "teacher_config": None})
-            metrics = run(cfg)
-            if variant in runs:
-                runs[variant][seed] = metrics
-    table = summarise(runs)
-    return {"teacher_checkpoint": relative_to(teacher_ckpt, REPO), "teacher": teacher_metrics, "runs": runs,
-            "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student-config", type=Path, default=REPO / "configs" / "shapes_gfl_student.yaml")
-    parser.add_argument("--teacher-config", type=Path, default=REPO / "configs" / "shapes_gfl_teacher.yaml")
-    parser.add_argument("--teacher-checkpoint", type=Path, default=REPO / "data" / "checkpoints" / "shapes_gfl_teacher.pt",
-                        help="shapes teacher (trained with --teacher-config first if the file does not exist)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--bccd-seeds", type=int, nargs="+", default=None,
-                        help="seeds on BCCD (default: --seeds); BCCD's teacher and larger images cost more")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--datasets", nargs="+", default=None, choices=list(DATASETS),
-                        help="default: shapes, plus bccd when ../shared/data/bccd exists (not with --quick)")
-    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch, shapes only")
+    parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS),
+                        help="default: every setting, bccd only when ../shared/data/bccd exists (never with --quick)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="restrict every setting to these rows (each setting runs only those it defines)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help=f"default 0 1 2, and {DEFAULT_SEEDS_FOR} unless --seeds or --seeds-for SETTING is given")
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="KEY=S,S", dest="seeds_for_list",
+                        help="seeds of a setting or of one setting's row, e.g. bccd=0 shapes/fitnet=0")
+    parser.add_argument("--teacher-cost", nargs="+", default=[], metavar="SETTING=R", dest="teacher_cost_list",
+                        help="use this teacher-forward / student-step ratio instead of measuring it, e.g. shapes=0.9")
+    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch, no BCCD")
     parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
+    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the configs')")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     smoke = args.quick or args.max_iters is not None
+    explicit_seeds, args.seeds = args.seeds is not None, args.seeds or [0, 1, 2]
     if args.out is None:
         args.out = REPO / "outputs" / ("ld_shapes_quick" if smoke else "ld_shapes")
-    if args.datasets is None:
-        args.datasets = ["shapes"] + (["bccd"] if (SHARED_DATA / "bccd").is_dir() and not args.quick else [])
-    for path in (args.student_config, args.teacher_config):
-        if not path.is_file() and not (path == args.teacher_config and args.teacher_checkpoint.is_file()
-                                       and args.datasets == ["shapes"]):
-            parser.error(f"config {path} does not exist")
+    if args.settings is None:
+        args.settings = [s for s in SETTINGS if SETTINGS[s].shapes or (SHARED_DATA / "bccd").is_dir() and not args.quick]
+    keys = set(SETTINGS) | {f"{s}/{v}" for s, setting in SETTINGS.items() for v in setting.variants}
+    try:
+        given = parse_seeds_for(args.seeds_for_list, keys)
+        # the 5-seed rows by default; not when the seeds of everything or of their setting are given
+        defaults = {} if explicit_seeds else {k: v for k, v in DEFAULT_SEEDS_FOR.items() if k.split("/")[0] not in given}
+        args.seeds_for = {**defaults, **given}
+        args.teacher_cost = {k: float(v) for k, v in (item.split("=", 1) for item in args.teacher_cost_list)}
+    except ValueError as err:
+        parser.error(str(err))
+    if set(args.teacher_cost) - set(SETTINGS):
+        parser.error(f"--teacher-cost expects SETTING=R with SETTING one of {sorted(SETTINGS)}, got {args.teacher_cost_list}")
+    for name in args.settings:
+        setting = SETTINGS[name]
+        for path in (setting.student_config, setting.teacher_config):
+            if not path.is_file():
+                parser.error(f"config {path} does not exist")
+        if not setting.shapes and not Path(setting.student_fields["data_root"]).is_dir():
+            parser.error(f"setting {name} needs {setting.student_fields['data_root']}")
     return args
+
+
+def row_seeds(name: str, variants: list[str], seeds: list[int], args: argparse.Namespace) -> dict[str, list[int]]:
+    """Each row's seeds (:func:`~kdlab.engine.experiment.seeds_per_row`); self-LD runs only on seeds whose
+    student-alone run exists (its teacher)."""
+    chosen = seeds_per_row(name, variants, seeds, args.seeds_for, args.quick)
+    if "self_ld" in chosen:
+        chosen["self_ld"] = [s for s in chosen["self_ld"] if s in chosen.get("student", [])]
+    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     seeds = [args.seeds[0]] if args.quick else args.seeds
-    common = {"device": args.device}
-    if args.quick:
-        common.update(epochs=1, lr_steps=[], eval_every=0)
-    if args.max_iters is not None:
-        common["max_iters"] = args.max_iters
-    if args.num_workers is not None:
-        common["num_workers"] = args.num_workers
-    note = " — SMOKE TEST, not a result" if args.quick or args.max_iters is not None else ""
-    results = {"seeds": seeds, "variants": {v: VARIANTS[v][0] for v in args.variants}, "smoke_test": bool(note), "datasets": {}}
+    common = run_fields(args.device, args.quick, args.max_iters, args.num_workers)
+    shapes_root = args.data_root or REPO / load_config(SETTINGS["shapes"].student_config).data_root
+    if any(SETTINGS[s].shapes for s in args.settings):
+        ensure_shapes(shapes_root)
+    smoke = args.quick or args.max_iters is not None
+    note = " — SMOKE TEST, not a result" if smoke else ""
+    results = {"seeds": seeds, "smoke_test": smoke, "variants": LABELS, "settings": {}}
     sections = []
-    for dataset in args.datasets:
-        print(f"[{dataset}] {len(args.variants)} variants -> {args.out / dataset}", flush=True)
-        dataset_seeds = args.bccd_seeds if dataset == "bccd" and args.bccd_seeds and not args.quick else seeds
-        results["datasets"][dataset] = part = run_dataset(dataset, args, dataset_seeds, common)
-        part["seeds"] = dataset_seeds
-        table = {v: {m: tuple(c) for m, c in cells.items()} for v, cells in part["table"].items()}
-        sections.append(markdown(dataset, table, part["teacher"], dataset_seeds, note))
+    for name in args.settings:
+        variants = [v for v in SETTINGS[name].variants if v in args.variants]
+        chosen = row_seeds(name, variants, seeds, args)
+        print(f"[{name}] seeds {chosen} -> {args.out / name}", flush=True)
+        setting_common = {**common, "data_root": str(shapes_root)} if SETTINGS[name].shapes else common
+        results["settings"][name] = part = run_setting(name, variants, chosen, args, setting_common)
+        part["seeds"] = chosen
+        sections.append(markdown(name, part, note))
         atomic_save_json(results, args.out / "results.json")
-    text = "## LD experiment\n\n" + "\n\n".join(sections) + "\n"
-    (args.out / "results.md").write_text(text)
-    if not note and len(seeds) >= 3 and set(args.variants) == set(VARIANTS):
-        published = REPO / "experiments" / "results"
-        published.mkdir(parents=True, exist_ok=True)
-        atomic_save_json(results, published / "ld_shapes.json")
-        (published / "ld_shapes.md").write_text(text)
-        print(f"published to {published}/ld_shapes.{{json,md}}")
-    print(text)
+    write_results(results, sections, "LD experiment", args.out, "ld_shapes", REPO, not smoke)
     return 0
 
 

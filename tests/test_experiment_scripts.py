@@ -1,6 +1,8 @@
-"""Argument handling of the experiment scripts (the runs themselves are too long for tests)."""
+"""The experiment scripts: argument handling, tables, and (slow) smoke runs of one iteration on a tiny shapes set."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(name):
     spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
     spec.loader.exec_module(module)
     return module
 
@@ -25,13 +28,136 @@ def test_gid_seeds_for_families_and_variants():
             gid.parse_args(["--seeds-for", bad])
 
 
-def test_gid_markdown_rows_carry_their_seeds():
+def metrics(ap):
+    return {"AP": ap, "AP50": 0.2, "AP75": 0.1, "APs": 0.05}  # no APm: its column shows "–"
+
+
+def test_gid_markdown_rows_carry_their_seeds_and_the_compute_matched_comparison():
     gid = load_script("gid_shapes")
-    metrics = lambda ap: {"AP": ap, "AP50": 0.2, "AP75": 0.1, "APs": 0.05}  # noqa: E731
-    runs = {"student": {0: metrics(0.04), 1: metrics(0.05)}, "gid": {0: metrics(0.07), 1: metrics(0.08)},
-            "gid_feature": {0: metrics(0.06)}}
-    part = {"teacher": metrics(0.1), "runs": runs, "table": {v: gid.mean_std(r) for v, r in runs.items()}}
+    runs = {"student": {0: metrics(0.04), 1: metrics(0.05)}, "compute_matched": {0: metrics(0.07), 1: metrics(0.07)},
+            "gid": {0: metrics(0.07), 1: metrics(0.08)}, "gid_feature": {0: metrics(0.06)}}
+    part = {"teacher": metrics(0.1), "runs": runs, "table": {v: gid.mean_std(r) for v, r in runs.items()},
+            "teacher_cost_ratio": 0.8}
     text = gid.markdown("retinanet", part, "")
     assert "| student alone | 2 | 4.5 ± 0.7 |" in text  # mean 4.5, sample std 0.71
-    assert "| GID feature only | 1 | 6.0 | 20.0 | 10.0 | 5.0 | 6.0 |" in text  # one seed: no ± claimed
-    assert "+3.0 AP (target >= +1.5): met" in text
+    assert "| GID feature only | 1 | 6.0 | 20.0 | 10.0 | 5.0 | – | 6.0 |" in text  # one seed: no ± claimed
+    assert "r = 0.80" in text
+    assert "- GID (feature + relation + response): +3.0 AP over the student alone, +0.5 over the compute-matched " \
+           "student (beats it)" in text
+    assert "- GID feature only: +1.5 AP over the student alone, -1.0 over the compute-matched student (does NOT beat it)" in text
+    assert "target (>= +1.5 AP over the student alone): met" in text
+
+
+def test_gid_every_family_has_a_compute_matched_row_and_teacher_costs_parse():
+    gid = load_script("gid_shapes")
+    assert all(variants[:2] == ["student", "compute_matched"] for variants in gid.FAMILIES.values())
+    args = gid.parse_args(["--teacher-cost", "retinanet=0.9", "fcos=1.5", "--seeds-for", "faster_rcnn=0,1,2"])
+    assert args.teacher_cost == {"retinanet": 0.9, "fcos": 1.5} and args.seeds_for == {"faster_rcnn": [0, 1, 2]}
+    with pytest.raises(SystemExit):
+        gid.parse_args(["--teacher-cost", "yolo=1.0"])
+
+
+def test_ld_rows_seeds_and_settings():
+    ld = load_script("ld_shapes")
+    args = ld.parse_args(["--settings", "shapes", "retinanet_dist", "--seeds-for", "shapes/fitnet=0", "fcos_dist=1"])
+    # 5 seeds for the rows whose difference was within one std, unless told otherwise
+    chosen = ld.row_seeds("shapes", list(ld.SETTINGS["shapes"].variants), args.seeds, args)
+    assert chosen["kd_ld_vlr"] == chosen["fine_grained"] == chosen["student"] == [0, 1, 2, 3, 4]
+    assert chosen["fitnet"] == [0] and chosen["main_ld_official"] == [0, 1, 2] and chosen["self_ld"] == [0, 1, 2]
+    assert ld.row_seeds("fcos_dist", ["student", "kd_ld_vlr"], args.seeds, args) == {"student": [1], "kd_ld_vlr": [1]}
+    # explicit seeds (of everything, or of the setting) replace the 5-seed defaults
+    for explicit in (["--seeds", "0"], ["--seeds-for", "shapes=0"]):
+        args = ld.parse_args(["--settings", "shapes", *explicit])
+        assert set(ld.row_seeds("shapes", ["student", "kd_ld_vlr"], args.seeds, args)["kd_ld_vlr"]) == {0}
+    for bad in (["--seeds-for", "fcos_dist/fine_grained=0"],  # FCOS has no anchors for fine-grained imitation
+                ["--seeds-for", "bccd/self_ld=0"], ["--teacher-cost", "coco=1"]):
+        with pytest.raises(SystemExit):
+            ld.parse_args(bad)
+    # every setting compares with the student alone and the compute-matched student; Main LD at both scales
+    for setting in ld.SETTINGS.values():
+        assert setting.variants[:2] == ("student", "compute_matched") and "main_ld" in setting.variants
+    assert {"main_ld_official", "kd_ld_vlr_official", "ld_released"} <= set(ld.SETTINGS["bccd"].variants)
+    # BCCD's schedule: the warm-up ends well inside the run (26 iterations an epoch)
+    assert ld.BCCD_STUDENT["warmup_iters"] < 0.2 * 26 * ld.BCCD_STUDENT["epochs"]
+
+
+def test_ld_row_fields():
+    ld = load_script("ld_shapes")
+    out, teacher = Path("/runs/shapes"), Path("/t.pt")
+    assert ld.row_fields("student", 3, out, teacher)["distill"] is None
+    main = ld.row_fields("main_ld_official", 0, out, teacher)
+    assert main["distill"] == "ld" and main["teacher_checkpoint"] == "/t.pt"
+    # the weights are spelled out in the saved config: a run of older defaults (0.25 at kdlab's scale) never matches
+    assert main["distill_options"] == {"variant": "official", "images_per_gpu": 2, "vlr_rule": "iof_diou",
+                                       "main_ld_weight": 0.25, "vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
+    assert ld.row_fields("kd_ld_vlr", 0, out, teacher)["distill_options"] == {"main_ld_weight": 2.0, "vlr_ld_weight": 3.25}
+    assert ld.row_fields("main_ld", 0, out, teacher)["distill_options"] == {
+        "main_ld_weight": 2.0, "vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
+    recipe = ld.row_fields("ld_released", 1, out, teacher)
+    assert recipe["distill"] == "ld_released" and recipe["output_dir"] == "/runs/shapes/ld_released/seed1"
+    assert recipe["distill_options"] == {"ld": {"vlr_rule": "iof_diou"}}
+    assert ld.row_fields("self_ld", 2, out, teacher)["teacher_checkpoint"] == "/runs/shapes/student/seed2/student.pt"
+
+
+def test_ld_markdown_pairs_full_ld_with_imitation_over_shared_seeds():
+    ld = load_script("ld_shapes")
+    runs = {"student": {s: metrics(0.07) for s in range(3)},
+            "compute_matched": {s: metrics(0.08) for s in range(3)},
+            "kd_ld_vlr": {s: metrics(ap) for s, ap in enumerate([0.10, 0.09, 0.11, 0.095, 0.10])},
+            "fine_grained": {s: metrics(ap) for s, ap in enumerate([0.09, 0.095, 0.09, 0.09, 0.092])}}
+    part = {"title": "shapes, GFL", "teacher": metrics(0.2), "runs": runs, "teacher_cost_ratio": 1.2,
+            "table": {v: ld.mean_std(r) for v, r in runs.items()},
+            "student_curves": {"0": {6: 5.0, 12: 6.5}, "1": {6: 5.2, 12: 6.7}}}
+    text = ld.markdown("shapes", part, "")
+    assert "| Main KD + Main LD + VLR LD (kdlab scale, calibrated weights) | 5 | 9.9 ± 0.7 |" in text
+    assert "+2.9 AP over the student alone, +1.9 over the compute-matched student (beats it)" in text
+    # paired over seeds 0-4: differences +1.0, -0.5, +2.0, +0.5, +0.8 -> mean +0.8, std 0.9: within one std
+    assert "paired over seeds [0, 1, 2, 3, 4]: +0.8 ± 0.9 AP (not resolved: the difference is within one std)" in text
+    assert "AP during training (mean over seeds): epoch 6: 5.1, epoch 12: 6.6" in text
+
+
+# ----------------------------------------------------------------------------- smoke tests (a few runs of 1 iteration)
+@pytest.mark.slow
+def test_ld_script_smoke_test(tiny_shapes, tmp_path):
+    ld = load_script("ld_shapes")
+    assert ld.main(["--quick", "--max-iters", "2", "--data-root", str(tiny_shapes), "--out", str(tmp_path),
+                    "--device", "cpu", "--teacher-cost", "retinanet_dist=0.5", "fcos_dist=0.5"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    for setting in ("shapes", "retinanet_dist", "fcos_dist"):
+        assert f"### {setting}: " in text and "SMOKE TEST" in text
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["settings"]["shapes"]["runs"]) == set(ld.VARIANTS)
+    assert results["settings"]["shapes"]["teacher_cost_ratio"] > 0  # measured (and cached)
+    assert (tmp_path / "shapes" / "teacher_cost.json").is_file()
+    assert (tmp_path / "retinanet_dist" / "teacher" / "student.pt").is_file()  # the teacher trained first
+    assert "over the compute-matched student" in text
+
+
+@pytest.mark.slow
+def test_gid_script_smoke_test(tiny_shapes, tmp_path):
+    gid = load_script("gid_shapes")
+    assert gid.main(["--quick", "--max-iters", "2", "--data-root", str(tiny_shapes), "--out", str(tmp_path),
+                     "--device", "cpu", "--teacher-cost", "retinanet=0.5", "fcos=0.5", "faster_rcnn=0.5"]) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert text.count("over the compute-matched student") == 5 + 1 + 1
+
+
+@pytest.mark.slow
+def test_ld_calibration_and_gid_terms_smoke_tests(tiny_shapes, tmp_path):
+    calibration = load_script("ld_calibration")
+    assert calibration.main(["--train-iters", "1", "--batches", "1", "--data-root", str(tiny_shapes),
+                             "--out", str(tmp_path / "cal")]) == 0
+    results = json.loads((tmp_path / "cal" / "results.json").read_text())
+    assert len(results["students"]) == 2
+    for summary in results["students"].values():
+        # Main LD: the value and gradient ratios are one number, the summed scores of 2 images' positives
+        assert summary["loss_ld/value"][0] == pytest.approx(summary["loss_ld/grad"][0], rel=1e-4)
+        assert summary["loss_ld/value"][0] == pytest.approx(summary["summed positive scores per 2 images"][0], rel=1e-4)
+    terms = load_script("gid_terms")
+    assert terms.main(["--iters", "2", "--every", "1", "--data-root", str(tiny_shapes), "--out", str(tmp_path / "gid")]) == 0
+    results = json.loads((tmp_path / "gid" / "results.json").read_text())
+    assert len(results["records"]) == 2
+    assert set(results["mean"]) == {"detection", "loss_gid_feature", "loss_gid_relation", "loss_gid_cls", "loss_gid_reg"}
+    assert results["mean"]["detection"]["cos detection (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
+    assert results["mean"]["loss_gid_feature"]["cos feature term (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
+    assert results["mean"]["loss_gid_relation"]["grad norm head"] == 0.0  # it reaches the backbone and FPN only

@@ -177,6 +177,26 @@ def test_gism_official_variant_changes_the_ranking():
     torch.testing.assert_close(official.boxes[0], torch.tensor([BOX_C, BOX_E]))
 
 
+def test_gism_official_minimum_side_drops_a_side_equal_to_min_size():
+    # detectron2's Boxes.nonempty(threshold=10) keeps sides > 10; torchvision's remove_small_boxes sides >= 10
+    exactly_ten = [10.0, 10.0, 20.0, 60.0]  # 10 wide
+    clipped_to_ten = [90.0, 40.0, 130.0, 80.0]  # 10 wide once clipped to the 100 x 100 image
+    teacher = dense_output([[[0.9], [0.8], [0.7]]], [[exactly_ten, clipped_to_ten, BOX_E]])
+    student = dense_output([[[0.1], [0.1], [0.1]]], [[BOX_A, BOX_A, BOX_A]])
+    kdlab_rule = select_general_instances(teacher, student, min_size=10.0)
+    released = select_general_instances(teacher, student, min_size=10.0, strict_min_size=True)
+    assert kdlab_rule.slots[0].tolist() == [0, 1, 2] and released.slots[0].tolist() == [2]
+    # GID's official variant switches it on (and it can be set alone)
+    gid = fake_gid(variant="official", feature_weight=0, relation_weight=0)
+    assert gid.strict_min_size and not fake_gid().strict_min_size
+    assert fake_gid(strict_min_size=True).gism_options["strict_min_size"] is True
+    gid(student, teacher, [])
+    assert gid.last_instances.slots[0].tolist() == [2]
+    paper = fake_gid(feature_weight=0, relation_weight=0)
+    paper(student, teacher, [])
+    assert paper.last_instances.slots[0].tolist() == [0, 1, 2]
+
+
 def test_gism_works_per_image():
     teacher, student = gism_outputs()
     # image 1: the same predictions on a 50 x 100 (h x w) image: D and E lie below y = 50 and vanish
@@ -302,6 +322,71 @@ def test_each_detector_gets_its_own_mask_rule():
     assert mask.tolist() == [[True, False], [False, True]]
     with pytest.raises(ValueError, match="needs anchors"):
         response_mask(None, points, [torch.tensor([BOX_A])], "anchor_iou", 0.5)
+
+
+def test_official_response_mask_keeps_each_gis_best_anchors_below_the_threshold():
+    # RetinaNet's matcher (allow_low_quality_matches=True) also matches each GI's best anchor(s), however low
+    anchors = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],    # IoU 1/4 with GI 0 (tied best)
+        [10.0, 10.0, 20.0, 20.0],  # IoU 1/4 with GI 0 (tied best)
+        [15.0, 15.0, 25.0, 25.0],  # IoU 25/475 with GI 0
+        [40.0, 40.0, 50.0, 50.0],  # IoU 100/120 with GI 1 (>= 0.5)
+        [45.0, 40.0, 55.0, 50.0],  # IoU 50/170 = 0.29 with GI 1: below 0.5, not GI 1's best
+        [70.0, 70.0, 80.0, 80.0],  # overlaps nothing
+    ])
+    gis = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 52.0, 50.0]]), torch.zeros(0, 4)]
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2
+    paper = response_mask(anchors, points, gis, "anchor_iou", 0.5)
+    official = response_mask(anchors, points, gis, "anchor_iou", 0.5, low_quality=True)
+    assert paper.tolist() == [[False, False, False, True, False, False], [False] * 6]
+    assert official.tolist() == [[True, True, False, True, False, False], [False] * 6]
+    # the point rule has no low-quality matches
+    assert torch.equal(response_mask(None, points, gis, "center", 0.0, low_quality=True),
+                       response_mask(None, points, gis, "center", 0.0))
+
+
+def test_low_quality_response_mask_equals_torchvisions_matcher():
+    from torchvision.models.detection._utils import Matcher
+
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)  # torchvision's RetinaNet
+    rpn_matcher = Matcher(0.7, 0.3, allow_low_quality_matches=True)  # torchvision's RPN
+    generator = torch.Generator().manual_seed(3)
+    xy = (torch.rand(400, 2, generator=generator) * 25).round() * 4  # a coarse grid: many exact IoU ties
+    anchors = torch.cat([xy, xy + 8 * torch.randint(1, 5, (400, 2), generator=generator)], dim=1).float()
+    points = (anchors[:, :2] + anchors[:, 2:]) / 2
+    gis = []
+    for n in (10, 3, 1):
+        corner = torch.rand(n, 2, generator=generator) * 90
+        gis.append(torch.cat([corner, corner + 10 + torch.rand(n, 2, generator=generator) * 60], dim=1))
+    gis.append(anchors[5:7] * 1.0)  # copies of anchors
+    for threshold, reference in ((0.5, matcher), (0.7, rpn_matcher)):
+        got = response_mask(anchors, points, gis, "anchor_iou", threshold, low_quality=True)
+        for b, boxes in enumerate(gis):
+            assert torch.equal(got[b], reference(box_iou(boxes, anchors)) >= 0), (threshold, b)
+        assert (got & ~response_mask(anchors, points, gis, "anchor_iou", threshold)).any()  # some below threshold
+
+
+def test_gid_official_response_mask_has_the_low_quality_matches():
+    # one GI (slot 0's teacher box, 20 x 20): no anchor reaches IoU 0.5; anchors 0 and 1 tie for its best (1/4)
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 20.0, 20.0], [15.0, 15.0, 25.0, 25.0],
+                            [60.0, 60.0, 70.0, 70.0]])
+    teacher_deltas = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 3.0, 0.0, 0.0], [9.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])
+    teacher = dense_output([[[0.9], [0.5], [0.5], [0.5]]], [[[0.0, 0.0, 20.0, 20.0]] + [BOX_C] * 3],
+                           anchors=anchors, box_regression=teacher_deltas[None])
+    student = dense_output([[[0.1], [0.5], [0.5], [0.5]]], [[BOX_E] * 4], anchors=anchors)
+    options = dict(feature_weight=0, relation_weight=0, num_instances=1)
+    paper = fake_gid(**options)
+    paper_terms = paper(student, teacher, [])
+    assert not paper.response_low_quality and not paper.last_response_mask.any()
+    assert paper_terms["loss_gid_reg"].item() == 0.0
+    official = fake_gid(variant="official", **options)
+    terms = official(student, teacher, [])
+    assert official.response_low_quality
+    assert official.last_response_mask.tolist() == [[True, True, False, False]]
+    torch.testing.assert_close(terms["loss_gid_reg"], torch.tensor((1.0 + 3.0) / 2))  # L1 over the 2 masked slots
+    switched_off = fake_gid(variant="official", response_low_quality=False, **options)
+    switched_off(student, teacher, [])
+    assert not switched_off.last_response_mask.any()
 
 
 # ----------------------------------------------------------------------------- RoIAlign on the FPN level

@@ -6,14 +6,24 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import distance_box_iou
 
-from kdlab.distill import DistillationTask, build_distillation
-from kdlab.distill.ld import LD, OFFICIAL_MAIN_LD_DIVISOR, OFFICIAL_VLR_LD_DIVISOR
+from kdlab.config import load_config
+from kdlab.distill import DistillationTask, FineGrainedImitation, build_distillation
+from kdlab.distill.ld import (
+    CALIBRATED_LD_WEIGHTS,
+    LD,
+    OFFICIAL_MAIN_LD_DIVISOR,
+    OFFICIAL_VLR_LD_DIVISOR,
+    PUBLISHED_LD_WEIGHTS,
+)
 from kdlab.distill.vlr import anchor_free_vlr, candidate_iou_threshold, valuable_localization_region, vlr_weights
 from kdlab.losses.ld import edge_ld, ld_kl_div
 from kdlab.models import build_detector
 from kdlab.models.atss import atss_assign
+from kdlab.models.box_ops import distance_box_iof
 from kdlab.models.outputs import DenseAssignment, DenseOutput
+from kdlab.models.priors import grid_priors
 
 # ---------------------------------------------------------------- the loss
 
@@ -131,6 +141,92 @@ def test_vlr_two_gts_highest_iou_wins():
         valuable_localization_region(ANCHORS, GT, thr[:1], weighting="soft")
     with pytest.raises(ValueError, match="one per GT"):
         valuable_localization_region(ANCHORS, gts, thr[:1])
+
+
+# the released code's VLR rule (METHODS.md §1): a 20 x 20 GT and anchors where IoF and IoU part ways
+BIG_GT = torch.tensor([[0.0, 0.0, 20.0, 20.0]])
+RULE_ANCHORS = torch.tensor([
+    [0.0, 0.0, 10.0, 10.0],     # b0: corner, inside: IoF 1,   IoU 1/4; rho^2 50,  c^2 800  (penalty 1/16)
+    [5.0, 5.0, 15.0, 15.0],     # b1: centred inside: IoF 1,   IoU 1/4; rho^2 0
+    [0.0, 0.0, 20.0, 20.0],     # b2: the GT itself:  IoF 1,   IoU 1
+    [10.0, 0.0, 30.0, 20.0],    # b3: half over:      IoF 1/2, IoU 1/3; rho^2 100, c^2 1300 (penalty 1/13)
+    [14.0, 14.0, 24.0, 24.0],   # b4: corner overlap: IoF .36, IoU 36/464; rho^2 162, c^2 1152
+    [-10.0, -10.0, 30.0, 30.0], # b5: around the GT:  IoF 1/4, IoU 1/4; rho^2 0
+])
+RULE_IOF_DIOU = [1 - 1 / 16, 1.0, 1.0, 1 / 2 - 1 / 13, 0.36 - 162 / 1152, 0.25]
+RULE_DIOU = [1 / 4 - 1 / 16, 0.25, 1.0, 1 / 3 - 1 / 13, 36 / 464 - 162 / 1152, 0.25]
+RULE_IOU = [0.25, 0.25, 1.0, 1 / 3, 36 / 464, 0.25]
+
+
+def test_released_vlr_rule_is_the_iof_minus_the_diou_penalty_by_hand():
+    torch.testing.assert_close(distance_box_iof(RULE_ANCHORS, BIG_GT)[:, 0], torch.tensor(RULE_IOF_DIOU))
+    torch.testing.assert_close(distance_box_iou(RULE_ANCHORS, BIG_GT)[:, 0], torch.tensor(RULE_DIOU))
+    # IoF >= IoU always; on the 10 x 10 layout above the regions still coincide (a1 0.78, a2 0.42, a4 0.55
+    # against 0.65, 0.26, 0.38; a5 0.05): the official tests there keep the paper's region
+    assert (distance_box_iof(ANCHORS, GT) >= distance_box_iou(ANCHORS, GT)).all()
+    thr_10 = torch.tensor([_thr_by_hand()])
+    assert torch.equal(valuable_localization_region(ANCHORS, GT, thr_10, rule="iof_diou").mask,
+                       valuable_localization_region(ANCHORS, GT, thr_10, rule="diou").mask)
+    # thr = 0.6, alpha = 0.25: the region is 0.15 <= overlap < 0.6
+    thr = torch.tensor([0.6])
+    paper = valuable_localization_region(RULE_ANCHORS, BIG_GT, thr, weighting="iou", rule="diou")
+    released = valuable_localization_region(RULE_ANCHORS, BIG_GT, thr, weighting="iou", rule="iof_diou")
+    # paper: b0 (0.1875), b1, b3 (0.256), b5; released: b0, b1 leave (IoF 1 -> 0.94, 1.0), b4 enters (0.219)
+    assert paper.mask.tolist() == [True, True, False, True, False, True]
+    assert released.mask.tolist() == [False, False, False, True, True, True]
+    # under both rules the weight is the true IoU
+    torch.testing.assert_close(released.weight, torch.tensor([0.0, 0.0, 0.0, 1 / 3, 36 / 464, 0.25]))
+    assert valuable_localization_region(RULE_ANCHORS, BIG_GT, thr).mask.tolist() == paper.mask.tolist()  # default: paper
+    with pytest.raises(ValueError, match="rule"):
+        valuable_localization_region(RULE_ANCHORS, BIG_GT, thr, rule="iou")
+
+
+def test_official_ld_uses_the_released_vlr_rule(models):
+    def outputs():
+        s_out = _toy_output(1, seed=0, anchors=RULE_ANCHORS, pos=(2,))
+        t_out = _toy_output(1, seed=1, anchors=RULE_ANCHORS, pos=(2,))
+        s_out.assignment.gt_boxes, s_out.assignment.iou_thr = [BIG_GT.clone()], [torch.tensor([0.6])]
+        return s_out, t_out
+
+    s_out, t_out = outputs()
+    per_edge = ld_kl_div(s_out.box_logits[0].reshape(6, 4, 5), t_out.box_logits[0].reshape(6, 4, 5), 10.0).sum(dim=1)
+    official = LD(*models, variant="official")
+    assert official.vlr_rule == "iof_diou" and LD(*models).vlr_rule == "diou"
+    got = official(s_out, t_out, [])["loss_ld_vlr"]
+    # released region b3, b4, b5 weighted by their IoU, the per-edge sum over /16
+    expected = (per_edge[3] / 3 + per_edge[4] * 36 / 464 + per_edge[5] / 4) / OFFICIAL_VLR_LD_DIVISOR
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the paper's rule on the official normalisation: b0, b1, b3, b5
+    paper_rule = LD(*models, variant="official", vlr_rule="diou")(*outputs(), [])["loss_ld_vlr"]
+    expected_paper = (per_edge[[0, 1, 5]].sum() / 4 + per_edge[3] / 3) / OFFICIAL_VLR_LD_DIVISOR
+    assert paper_rule.item() == pytest.approx(expected_paper.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="vlr_rule"):
+        LD(*models, vlr_rule="iof")
+
+
+def test_released_and_paper_vlr_rules_overlap_little_on_coco_sized_layouts():
+    # METHODS.md §1: on random layouts the two regions share ~30 % (mask IoU 0.28). Here: GFL's anchors
+    # (8 x stride, strides 8..128) on 800 x 1216 images, 7 GTs an image with sides log-uniform in 16..256 px
+    # and aspect ratios in 1/2..2: mask IoU 0.284 over these 10 images (0.27 with sides 32..256, 0.20 with 16..512;
+    # on shapes' 128 px images, objects 8..64 px, 0.87: the rules part ways on GTs larger than the anchors)
+    generator = torch.Generator().manual_seed(0)
+    height, width, strides = 800, 1216, (8, 16, 32, 64, 128)
+    _, anchors, _, _, num_per_level = grid_priors([(math.ceil(height / s), math.ceil(width / s)) for s in strides],
+                                                  strides, 8.0, torch.device("cpu"))
+    shared = either = 0
+    for _ in range(10):
+        side = torch.empty(7).uniform_(math.log(16), math.log(256), generator=generator).exp()
+        aspect = torch.empty(7).uniform_(math.log(0.5), math.log(2.0), generator=generator).exp()
+        centre = torch.rand(7, 2, generator=generator) * torch.tensor([width, height])
+        half = torch.stack([side * aspect.sqrt(), side / aspect.sqrt()], dim=1) / 2
+        gt = torch.cat([centre - half, centre + half], dim=1)
+        gt = torch.cat([gt[:, 0::2].clamp(0, width), gt[:, 1::2].clamp(0, height)], dim=1)[:, [0, 2, 1, 3]]
+        thr = atss_assign(anchors, num_per_level, gt, 9).iou_thr
+        paper = valuable_localization_region(anchors, gt, thr, rule="diou").mask
+        released = valuable_localization_region(anchors, gt, thr, rule="iof_diou").mask
+        shared += (paper & released).sum().item()
+        either += (paper | released).sum().item()
+    assert 0.2 < shared / either < 0.36
 
 
 def test_anchor_free_vlr_is_negatives_inside_a_gt_weighted_by_score():
@@ -278,12 +374,29 @@ def test_official_images_per_gpu_reproduces_a_k_image_gpu(models):
 
 def test_weights_switch_terms_and_published_defaults(models):
     default = LD(*models)
-    assert default.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
+    assert default.weight_dict == {"loss_ld": 2.0, "loss_ld_vlr": 3.25, "loss_kd": 10.0}  # calibrated (below)
+    assert LD(*models, variant="official").weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}
     assert default.temperatures == {"loss_ld": 10.0, "loss_ld_vlr": 10.0, "loss_kd": 2.0, "loss_kd_vlr": 2.0}
     assert default.vlr_alpha == 0.25 and default.vlr_weighting == "mask" and default.variant == "kdlab"
     main_only = LD(*models, vlr_ld_weight=0, main_kd_weight=0)
     terms = main_only(_toy_output(1, seed=0), _toy_output(1, seed=1), [])
-    assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 0.25
+    assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 2.0
+    assert LD(*models, main_ld_weight=0.25).weight_dict["loss_ld"] == 0.25  # an explicit weight wins
+
+
+def test_kdlab_weights_are_the_published_ones_times_the_measured_ratio(models):
+    # experiments/ld_calibration.py on the shapes GFL student and teacher (12 batches of 16 training images),
+    # official term at 2 images per GPU / kdlab term, value and gradient on the head outputs:
+    # Main LD 0.61 untrained, 6.4 / 6.7 / 7.0 after 100 / 200 / 300 iterations (~11 trained): 0.25 x 8;
+    # VLR LD 12.3-12.8 (value), 13.1-13.4 (gradient) throughout: 0.25 x 13; Main KD ~1: 10 unchanged
+    assert CALIBRATED_LD_WEIGHTS == {"loss_ld": 0.25 * 8, "loss_ld_vlr": 0.25 * 13}
+    assert PUBLISHED_LD_WEIGHTS == {"loss_ld": 0.25, "loss_ld_vlr": 0.25}
+    # the Main LD ratio is the student's summed scores over the positives of 2 images (the measured quantity)
+    s_out, t_out = _toy_output(4, seed=0, pos=(0, 1)), _toy_output(4, seed=1, pos=(0, 1))
+    kdlab_term = LD(*models)(s_out, t_out, [])["loss_ld"]
+    official_term = LD(*models, variant="official", images_per_gpu=2)(s_out, t_out, [])["loss_ld"]
+    scores = s_out.cls_logits[0, :2].sigmoid().max(dim=1).values  # the same image 4 times
+    assert (official_term / kdlab_term).item() == pytest.approx(2 * scores.sum().item(), rel=1e-5)
     for bad in ({"variant": "paper"}, {"vlr_weighting": "soft"}, {"main_ld_weight": -1.0}, {"vlr_ld_temperature": 0.0}):
         with pytest.raises(ValueError):
             LD(*models, **bad)
@@ -389,6 +502,28 @@ def test_no_gradient_reaches_the_teacher():
     with torch.no_grad():
         t_out = teacher(_batch()[0], [(64, 64)] * 2)
     assert not t_out.box_logits.requires_grad
+
+
+def test_released_recipe_is_official_ld_at_2_images_per_gpu_plus_fine_grained_imitation(tmp_path):
+    student, teacher = _tiny_gfl(0), _tiny_gfl(1)
+    task = build_distillation("ld_released", student, teacher)
+    ld, imitation = task.distillers["ld"], task.distillers["fine_grained"]
+    assert isinstance(ld, LD) and (ld.variant, ld.images_per_gpu) == ("official", 2)
+    assert (ld.vlr_rule, ld.vlr_weighting) == ("iof_diou", "iou")  # the released region and weighting
+    assert ld.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}  # the published weights
+    assert isinstance(imitation, FineGrainedImitation) and imitation.weight_dict == {"loss_imitation": 2.0}
+    terms = task(*_batch())
+    assert {"loss_ld", "loss_ld_vlr", "loss_kd", "loss_imitation"} <= set(terms)
+    # a config overrides one method's option, keyed by the method's name; the rest stays the recipe's
+    path = tmp_path / "recipe.yaml"
+    path.write_text("distill: ld_released\nteacher_checkpoint: t.pt\ndistill_options:\n  ld:\n    main_kd_weight: 5.0\n")
+    cfg = load_config(path)
+    task = build_distillation(cfg.distill, student, teacher, cfg.distill_options)
+    ld, imitation = task.distillers["ld"], task.distillers["fine_grained"]
+    assert ld.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 5.0} and ld.images_per_gpu == 2
+    assert imitation.weight_dict == {"loss_imitation": 2.0}
+    with pytest.raises(ValueError, match="keyed by"):
+        build_distillation("ld_released", student, teacher, {"main_kd_weight": 5.0})
 
 
 # ---------------------------------------------------------------- the zoo's distribution-head RetinaNet and FCOS

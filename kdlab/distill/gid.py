@@ -15,9 +15,12 @@ instances* (GIs) per image, the places where teacher and student disagree most
   IoU >= 0.7, the RPN's own positive threshold), BCE to the teacher's sigmoid (weight 0.1) and
   L1 on the box outputs (weight 1.0).
 
-``variant="official"`` switches the GI score and the relation scope to the released code's
-choices; each can also be set alone (``gi_score``, ``relation_scope``). A weight of 0 switches a
-term off (it is then neither computed nor logged).
+``variant="official"`` switches four choices to the released code's, each also settable alone:
+the GI score (``gi_score``), the relation scope (``relation_scope``), GISM's minimum side (sides
+``> min_size`` kept instead of ``>= min_size``: ``strict_min_size``) and the response mask of the
+anchor-IoU rule, which also keeps each GI's best-overlapping anchors below the threshold as
+RetinaNet's matcher does (``response_low_quality``; the RPN's matcher allows them too). A weight of 0
+switches a term off (it is then neither computed nor logged).
 
 Teachers: any trained detector of the student's family whose predictions correspond slot by slot
 (same strides, anchors and classes; the FPN widths may differ). On shapes: the project's teachers
@@ -66,9 +69,14 @@ class GID(DistillCriterion):
         relation_weight: relation loss weight (40; 0 = off).
         response_cls_weight: response BCE weight (0.1; 0 = off).
         response_reg_weight: response L1 weight (1.0; 0 = off).
-        variant: ``"paper"`` or ``"official"``: the defaults of ``gi_score`` and ``relation_scope``.
+        variant: ``"paper"`` or ``"official"``: the defaults of ``gi_score``, ``relation_scope``,
+            ``strict_min_size`` and ``response_low_quality``.
         gi_score: ``"paper"`` (``max_c |P_t - P_s|``) or ``"official"`` (``|max P_t - max P_s|``).
         relation_scope: ``"image"`` (paper) or ``"batch"`` (released code: all GIs of the batch).
+        strict_min_size: GISM keeps sides ``> min_size`` (released code, detectron2's ``nonempty``)
+            instead of ``>= min_size``; ``None``: ``True`` for ``variant="official"``.
+        response_low_quality: the anchor-IoU response mask also keeps each GI's best-overlapping
+            anchors (the matcher's low-quality matches); ``None``: ``True`` for ``variant="official"``.
         num_instances: GIs per image ``K`` (10).
         nms_iou: GISM's NMS threshold (0.3).
         pre_nms_topk: GISM's pre-NMS candidates (3000).
@@ -100,6 +108,8 @@ class GID(DistillCriterion):
         variant: str = "paper",
         gi_score: str | None = None,
         relation_scope: str | None = None,
+        strict_min_size: bool | None = None,
+        response_low_quality: bool | None = None,
         num_instances: int = 10,
         nms_iou: float = 0.3,
         pre_nms_topk: int = 3000,
@@ -131,8 +141,11 @@ class GID(DistillCriterion):
             if w < 0:
                 raise ValueError(f"GID weight of {name} must be >= 0, got {w}")
         self.weight_dict = {name: float(w) for name, w in weights.items() if w > 0}
+        official = variant == "official"
+        self.strict_min_size = official if strict_min_size is None else bool(strict_min_size)
+        self.response_low_quality = official if response_low_quality is None else bool(response_low_quality)
         self.gism_options = dict(k=num_instances, nms_iou=nms_iou, pre_nms_topk=pre_nms_topk, min_size=min_size,
-                                 variant=self.gi_score)
+                                 variant=self.gi_score, strict_min_size=self.strict_min_size)
         self.roi_output_size, self.roi_sampling_ratio = roi_output_size, roi_sampling_ratio
         if roi_align_impl not in ROI_ALIGN_IMPLS:
             raise ValueError(f"roi_align_impl must be one of {ROI_ALIGN_IMPLS}, got {roi_align_impl!r}")
@@ -198,7 +211,8 @@ class GID(DistillCriterion):
         rule, iou = student.response_rule
         rule = self.response_mask_rule or rule
         iou = iou if self.response_iou is None else self.response_iou
-        mask = response_mask(student.anchors, student.points, instances.boxes, rule, iou)  # [B, N]
+        mask = response_mask(student.anchors, student.points, instances.boxes, rule, iou,
+                             low_quality=self.response_low_quality)  # [B, N]
         self.last_response_mask = mask
         num_masked = reduce_mean(mask.sum().float())
         terms = {}

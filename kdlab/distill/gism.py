@@ -13,6 +13,10 @@ Per image and every iteration:
 3. keep the ``pre_nms_topk`` (3000) best, clip to the image, drop boxes with a side below
    ``min_size``, class-agnostic NMS at IoU 0.3, keep the best ``k`` (10).
 
+Paper vs released code: kdlab keeps a side equal to ``min_size`` (torchvision's
+``remove_small_boxes``); the released code drops it (detectron2's ``Boxes.nonempty(threshold)``
+keeps sides ``> threshold``): ``strict_min_size=True``, GID's ``variant="official"``.
+
 For Faster R-CNN the class scores are replaced by the RPN objectness ``P = σ(objectness)`` and
 the boxes are the RPN's decoded anchors: GISM reads every output through its dense stage
 (:func:`gism_inputs`).
@@ -112,6 +116,7 @@ def select_from_scores(
     nms_iou: float = 0.3,
     pre_nms_topk: int = 3000,
     min_size: float = 10.0,
+    strict_min_size: bool = False,
 ) -> GeneralInstances:
     """GISM's filtering, per image: top-``pre_nms_topk``, clip, min size, NMS, top-``k``.
 
@@ -128,6 +133,7 @@ def select_from_scores(
         nms_iou: IoU threshold of the class-agnostic NMS.
         pre_nms_topk: best slots kept per image before NMS.
         min_size: boxes with a side shorter than this (pixels, after clipping) are dropped.
+        strict_min_size: drop a side equal to ``min_size`` too (the released code).
 
     Returns:
         :class:`GeneralInstances`, best score first in each image, at most ``k`` per image.
@@ -142,7 +148,7 @@ def select_from_scores(
     for b in range(scores.shape[0]):
         image_scores, image_slots, image_depth = top_scores[b], slots[b], depth
         while True:
-            image_boxes, valid = clip_and_filter(boxes[b, image_slots], image_sizes[b], min_size)
+            image_boxes, valid = clip_and_filter(boxes[b, image_slots], image_sizes[b], min_size, strict_min_size)
             idx = valid.nonzero().flatten()
             keep = idx[nms_first_k(image_boxes[idx], image_scores[idx], nms_iou, k)]
             if keep.numel() >= k or image_depth >= limit:
@@ -156,10 +162,15 @@ def select_from_scores(
     return result
 
 
-def clip_and_filter(boxes: Tensor, image_size: tuple[int, int], min_size: float) -> tuple[Tensor, Tensor]:
+def clip_and_filter(boxes: Tensor, image_size: tuple[int, int], min_size: float,
+                    strict: bool = False) -> tuple[Tensor, Tensor]:
     """Boxes ``[P, 4]`` clipped to the image (``clip_boxes_to_image``) and a ``[P]`` mask of those
-    with both sides ``>= min_size`` (``remove_small_boxes``; a NaN box is dropped too)."""
+    with both sides ``>= min_size`` (``remove_small_boxes``), or ``> min_size`` with ``strict``
+    (detectron2's ``Boxes.nonempty(threshold)``, the released GID code); a NaN box is dropped too."""
     boxes = clip_boxes_to_image(boxes, image_size)
+    if strict:
+        widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        return boxes, (widths > min_size) & (heights > min_size)
     valid = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
     valid[remove_small_boxes(boxes, min_size)] = True
     return boxes, valid
@@ -200,6 +211,7 @@ def select_general_instances(
     pre_nms_topk: int = 3000,
     min_size: float = 10.0,
     variant: str = "paper",
+    strict_min_size: bool = False,
 ) -> GeneralInstances:
     """Select the general instances of a batch (GISM, see the module docstring).
 
@@ -211,6 +223,7 @@ def select_general_instances(
         pre_nms_topk: slots kept before NMS (3000).
         min_size: smallest GI box side in input pixels (10 in the released code).
         variant: GI score, ``"paper"`` (``max_c |P_t - P_s|``) or ``"official"`` (``|max P_t - max P_s|``).
+        strict_min_size: keep only sides ``> min_size`` (the released code) instead of ``>= min_size``.
 
     Returns:
         :class:`GeneralInstances` with per-image boxes, scores, side and slot.
@@ -227,7 +240,7 @@ def select_general_instances(
     if len(image_sizes) != scores.shape[0]:
         raise ValueError(f"the output has {len(image_sizes)} image_sizes for a batch of {scores.shape[0]} images")
     return select_from_scores(scores, gi_boxes, teacher_higher, image_sizes, k=k, nms_iou=nms_iou,
-                              pre_nms_topk=pre_nms_topk, min_size=min_size)
+                              pre_nms_topk=pre_nms_topk, min_size=min_size, strict_min_size=strict_min_size)
 
 
 def general_instance_kinds(gi_boxes: Tensor, gt_boxes: Tensor, positive_iou: float = 0.7,

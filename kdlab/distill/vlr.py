@@ -11,6 +11,12 @@ A location in several VLRs takes the GT with the highest IoU. The paper uses the
 binary mask; the released code stores that IoU and uses it as a per-location weight: both are
 offered (``weighting="mask" | "iou"``).
 
+Paper vs released code (METHODS.md §1): the released "DIoU" is ``inter / area(a) - rho^2 / c^2``
+(an IoF over the anchor's area, then DIoU's penalty; :func:`kdlab.models.box_ops.distance_box_iof`),
+so its region is ``alpha * thr_g <= IoF(a, g) - rho^2/c^2 < thr_g``. ``rule="diou"`` (the paper, the
+default) or ``rule="iof_diou"`` (the released code, LD's ``variant="official"``). The thresholds
+``thr_g`` and the IoU that ranks GTs and weights locations are the true IoU under both rules.
+
 Anchor-free heads (FCOS) have no anchor box for the DIoU: the released code uses the negative
 locations whose point lies inside a GT box, weighted by the student's max class score
 (:func:`anchor_free_vlr`).
@@ -25,10 +31,12 @@ from torch import Tensor
 from torchvision.ops import box_iou, distance_box_iou
 
 from kdlab.models.atss import atss_assign
-from kdlab.models.box_ops import points_in_boxes
+from kdlab.models.box_ops import distance_box_iof, points_in_boxes
 from kdlab.models.outputs import DenseOutput
 
 VLR_WEIGHTINGS = ("mask", "iou")
+# the overlap the region bounds: the paper's DIoU, or the released code's IoF minus the DIoU penalty
+VLR_RULES = {"diou": distance_box_iou, "iof_diou": distance_box_iof}
 
 
 @dataclass
@@ -75,7 +83,8 @@ def candidate_iou_threshold(anchors: Tensor, gt_boxes: Tensor, candidate_idx: Te
 
 
 def valuable_localization_region(
-    anchors: Tensor, gt_boxes: Tensor, iou_thr: Tensor, alpha: float = 0.25, weighting: str = "mask"
+    anchors: Tensor, gt_boxes: Tensor, iou_thr: Tensor, alpha: float = 0.25, weighting: str = "mask",
+    rule: str = "diou",
 ) -> VLR:
     """The VLR of one image: ``alpha * thr_g <= DIoU(anchor, g) < thr_g``, highest-IoU GT wins.
 
@@ -90,12 +99,16 @@ def valuable_localization_region(
         alpha: lower bound of the region as a fraction of the threshold (LD: 0.25).
         weighting: ``"mask"`` (paper: weight 1 in the region) or ``"iou"`` (released code: the IoU
             with the assigned GT).
+        rule: the overlap bounded by the thresholds: ``"diou"`` (paper, ``IoU - rho^2/c^2``) or
+            ``"iof_diou"`` (released code, ``inter / area(anchor) - rho^2/c^2``).
 
     Returns:
         :class:`VLR` with ``[N]`` (or ``[..., N]``) weight, matched GT and IoU.
     """
     if weighting not in VLR_WEIGHTINGS:
         raise ValueError(f"weighting must be one of {VLR_WEIGHTINGS}, got {weighting!r}")
+    if rule not in VLR_RULES:
+        raise ValueError(f"VLR rule must be one of {tuple(VLR_RULES)}, got {rule!r}")
     if not 0 <= alpha <= 1:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if gt_boxes.dim() < 2 or gt_boxes.shape[-1] != 4 or iou_thr.shape != gt_boxes.shape[:-1]:
@@ -107,9 +120,9 @@ def valuable_localization_region(
         return VLR(weight=zeros, matched_gt=torch.full(zeros.shape, -1, dtype=torch.long, device=anchors.device), iou=zeros)
     anchors, flat_gt, iou_thr = anchors.float(), gt_boxes.float().reshape(-1, 4), iou_thr.float()
     ious = box_iou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
-    dious = distance_box_iou(anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
+    overlap = VLR_RULES[rule](anchors, flat_gt).reshape(num_locations, *batch_shape, num_gt).movedim(0, -2)  # [..., N, G]
     thr = iou_thr[..., None, :]  # [..., 1, G]
-    in_region = (dious >= alpha * thr) & (dious < thr)  # [..., N, G]
+    in_region = (overlap >= alpha * thr) & (overlap < thr)  # [..., N, G]
     # a location in several GTs' regions takes the GT with the highest IoU
     best_iou, best_gt = torch.where(in_region, ious, torch.full_like(ious, -1.0)).max(dim=-1)  # [..., N]
     inside = in_region.any(dim=-1)
@@ -141,7 +154,8 @@ def anchor_free_vlr(points: Tensor, gt_boxes: Tensor, pos_mask: Tensor, student_
     return torch.where(region, score, torch.zeros_like(score))
 
 
-def vlr_weights(output: DenseOutput, alpha: float = 0.25, weighting: str = "mask", atss_topk: int = 9) -> Tensor:
+def vlr_weights(output: DenseOutput, alpha: float = 0.25, weighting: str = "mask", atss_topk: int = 9,
+                rule: str = "diou") -> Tensor:
     """Per-location VLR weights of a batch, from a detector's output and its assignment.
 
     - Anchor-based heads (``output.anchors`` present): :func:`valuable_localization_region` with the
@@ -152,7 +166,7 @@ def vlr_weights(output: DenseOutput, alpha: float = 0.25, weighting: str = "mask
 
     Args:
         output: the student's :class:`~kdlab.models.outputs.DenseOutput`, computed with targets.
-        alpha, weighting: see :func:`valuable_localization_region`.
+        alpha, weighting, rule: see :func:`valuable_localization_region` (``rule``: anchor-based heads only).
         atss_topk: ATSS candidates per level when the assignment carries no thresholds.
 
     Returns:
@@ -175,4 +189,4 @@ def vlr_weights(output: DenseOutput, alpha: float = 0.25, weighting: str = "mask
             iou_thr = atss_assign(output.anchors, output.num_per_level, gt_boxes.float(), atss_topk).iou_thr
         padded_gt[b, : len(gt_boxes)] = gt_boxes
         padded_thr[b, : len(gt_boxes)] = iou_thr
-    return valuable_localization_region(output.anchors, padded_gt, padded_thr, alpha, weighting).weight  # [B, N]
+    return valuable_localization_region(output.anchors, padded_gt, padded_thr, alpha, weighting, rule).weight  # [B, N]

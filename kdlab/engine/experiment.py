@@ -98,7 +98,12 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
     task = DetectionTask(build_student(student_cfg, dataset.num_classes)).to(device).train()
     teacher = load_detector(teacher_checkpoint, device).eval()
     optimizer = torch.optim.SGD(task.trainable_parameters(), lr=1e-6)
-    batches = iter(loader)
+
+    def endless():  # the loader again and again: a small set may have fewer than warmup + rounds batches
+        while True:
+            yield from loader
+
+    batches = endless()
     student_times, teacher_times = [], []
     for step in range(warmup + rounds):
         images, targets = next(batches)
@@ -118,6 +123,22 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
             student_times.append(middle - start)
             teacher_times.append(time.perf_counter() - middle)
     return statistics.median(teacher_times) / statistics.median(student_times)
+
+
+def cached_teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, cache: Path) -> float:
+    """:func:`teacher_cost_ratio`, measured once and stored in ``cache`` (JSON, with the teacher's path).
+
+    The compute-matched runs' length depends on it: a later invocation of the same experiment must
+    find the same value, or its finished compute-matched runs would no longer match their configs.
+    """
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("teacher_checkpoint") == str(teacher_checkpoint):
+            return float(stored["ratio"])
+    ratio = teacher_cost_ratio(student_cfg, teacher_checkpoint)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json({"teacher_checkpoint": str(teacher_checkpoint), "ratio": ratio}, cache)
+    return ratio
 
 
 def _synchronize(device: torch.device) -> None:
@@ -159,6 +180,110 @@ def cell(mean: float | None, std: float | None) -> str:
     if mean is None:
         return "–"
     return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def parse_seeds_for(items: list[str], keys: set[str]) -> dict[str, list[int]]:
+    """``["KEY=S,S", ...]`` (a script's ``--seeds-for``) -> ``{KEY: [S, S]}``.
+
+    Raises:
+        ValueError: a key outside ``keys``, no seeds, or a seed that is not an integer.
+    """
+    seeds_for = {}
+    for item in items:
+        key, _, seeds = item.partition("=")
+        if key not in keys or not seeds:
+            raise ValueError(f"--seeds-for expects KEY=S[,S...] with KEY one of {sorted(keys)}, got {item!r}")
+        try:
+            seeds_for[key] = [int(s) for s in seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds-for: seeds must be integers, got {item!r}") from None
+    return seeds_for
+
+
+def seeds_per_row(key: str, variants: list[str], seeds: list[int], seeds_for: dict[str, list[int]],
+                  quick: bool = False) -> dict[str, list[int]]:
+    """Each row's seeds: ``seeds_for["KEY/ROW"]``, else ``seeds_for["KEY"]``, else ``seeds``; a smoke test
+    (``quick``) runs ``seeds`` everywhere."""
+    if quick:
+        return {v: list(seeds) for v in variants}
+    key_seeds = seeds_for.get(key, seeds)
+    return {v: seeds_for.get(f"{key}/{v}", key_seeds) for v in variants}
+
+
+def ensure_shapes(root: Path) -> None:
+    """Generate the default shapes set into ``root`` unless it is there."""
+    from kdlab.data import make_shapes
+
+    if not (root / "annotations").is_dir():
+        print(f"generating the shapes dataset into {root}", flush=True)
+        make_shapes(root)
+
+
+def write_results(results: dict, sections: list[str], title: str, out: Path, name: str, repo: Path,
+                  publish_to_repo: bool) -> str:
+    """``out/results.{json,md}`` (the markdown: the sections under ``title``), printed; with
+    ``publish_to_repo`` (a real run) also ``experiments/results/<name>.{json,md}`` (:func:`publish`).
+    Returns the markdown."""
+    text = f"## {title}\n\n" + "\n\n".join(sections) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(results, out / "results.json")
+    (out / "results.md").write_text(text)
+    if publish_to_repo:
+        publish(results, text, name, repo)
+    print(text)
+    return text
+
+
+def run_fields(device: str, quick: bool, max_iters: int | None, num_workers: int | None) -> dict:
+    """Config fields shared by every run of a script: the device; ``quick`` (a smoke test): one epoch,
+    no lr steps, evaluation at the end only; ``max_iters`` and ``num_workers`` when given."""
+    fields: dict = {"device": device}
+    if quick:
+        fields.update(epochs=1, lr_steps=[], eval_every=0)
+    if max_iters is not None:
+        fields["max_iters"] = max_iters
+    if num_workers is not None:
+        fields["num_workers"] = num_workers
+    return fields
+
+
+def results_table(title: str, teacher: dict[str, float] | None, runs: dict[str, dict[int, dict[str, float]]],
+                  labels: dict[str, str], metrics: tuple[str, ...] = METRICS) -> list[str]:
+    """Markdown lines of one table: the teacher, then a row per variant of ``runs`` (seeds, mean ± sample
+    std of each metric over its seeds, AP of each seed); ``labels`` names the variants."""
+    lines = [f"### {title}", "", "| run | seeds | " + " | ".join(metrics) + " | AP per seed |",
+             "|---|---|" + "---|" * len(metrics) + "---|"]
+    if teacher is not None:
+        lines.append("| teacher | - | " + " | ".join(
+            cell(None if teacher.get(m) is None else 100 * teacher[m], None) for m in metrics) + " | |")
+    for variant, by_seed in runs.items():
+        cells = mean_std(by_seed, metrics)
+        per_seed = ", ".join(f"{100 * by_seed[s]['AP']:.1f}" for s in sorted(by_seed, key=int))
+        lines.append(f"| {labels[variant]} | {len(by_seed)} | " + " | ".join(cell(*cells[m]) for m in metrics)
+                     + f" | {per_seed} |")
+    return lines
+
+
+def comparison_lines(runs: dict[str, dict[int, dict[str, float]]], labels: dict[str, str], distilled: list[str],
+                     baseline: str = "student", matched: str = "compute_matched") -> list[str]:
+    """One line per distilled variant: its mean AP against the student alone and, when that row exists,
+    against the compute-matched student, saying plainly whether it beats it.
+
+    Means are over each row's own seeds; the seeds both rows share are named when they differ.
+    """
+    def mean_ap(variant: str) -> float:
+        return mean_std(runs[variant], ("AP",))["AP"][0]
+
+    lines = []
+    for variant in distilled:
+        if variant not in runs or baseline not in runs:
+            continue
+        text = f"- {labels[variant]}: {mean_ap(variant) - mean_ap(baseline):+.1f} AP over the student alone"
+        if matched in runs:
+            versus = mean_ap(variant) - mean_ap(matched)
+            text += f", {versus:+.1f} over the compute-matched student ({'beats it' if versus > 0 else 'does NOT beat it'})"
+        lines.append(text)
+    return lines
 
 
 def publish(results: dict, text: str, name: str, repo: Path) -> Path:

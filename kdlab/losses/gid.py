@@ -189,8 +189,14 @@ def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_output
 
 
 def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor], rule: str,
-                  iou_threshold: float) -> Tensor:
+                  iou_threshold: float, low_quality: bool = False) -> Tensor:
     """Distillation mask ``[B, N]`` bool: the slots tied to some GI by the detector's own rule.
+
+    ``anchor_iou``: ``max_k IoU(a, GI_k) >= t``; with ``low_quality`` also, for each GI, the anchors
+    tied for its highest IoU, however low (RetinaNet's matcher in the released code: torchvision's
+    and detectron2's ``Matcher(allow_low_quality_matches=True)``, whose mask is ``matches >= 0``;
+    like them, a GI overlapping no anchor at all would keep every anchor at its maximum, 0).
+    ``center``: the location lies strictly inside some GI.
 
     Args:
         anchors: ``[N, 4]`` anchors (``rule="anchor_iou"``).
@@ -198,6 +204,7 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
         gi_boxes: per image ``[K_i, 4]`` GI boxes.
         rule: ``"anchor_iou"`` (RetinaNet, RPN) or ``"center"`` (FCOS).
         iou_threshold: IoU a slot's anchor needs with a GI (``anchor_iou`` only).
+        low_quality: add each GI's best-overlapping anchors (``anchor_iou`` only; GID's official variant).
     """
     if rule == "anchor_iou":
         if anchors is None:
@@ -223,6 +230,10 @@ def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor]
                 (torch.minimum(ay2, gy2) - torch.maximum(ay1, gy1)).clamp(min=0)  # [B, N, K]
         areas = (ax2 - ax1) * (ay2 - ay1) + (gx2 - gx1) * (gy2 - gy1)  # [B, N, K]
         hits = (inter * (1.0 + iou_threshold) >= iou_threshold * areas) & (inter > 0)
+        if low_quality:
+            # the IoU as torchvision's box_iou computes it (same operations, so the same ties)
+            iou = inter / (areas - inter)  # [B, N, K]
+            hits = hits | (iou == iou.amax(dim=1, keepdim=True))  # each GI's best anchor(s)
     else:
         hits = points_in_boxes(points.float()[None], boxes)  # [B, N, K]
     return (hits & valid[:, None, :]).any(dim=2)  # [B, N]: some GI of that image hits the slot

@@ -1,4 +1,5 @@
-"""Box geometry not in ``torchvision.ops``: aligned IoU, point-in-box tests, the point <-> (l, t, r, b) encoding.
+"""Box geometry not in ``torchvision.ops``: aligned IoU, the released LD code's "DIoU" (an IoF minus the
+DIoU penalty), point-in-box tests, the point <-> (l, t, r, b) encoding.
 
 Everything torchvision has (``box_iou``, ``distance_box_iou``, ``generalized_box_iou``, ``box_convert``,
 ``clip_boxes_to_image``, ``remove_small_boxes``) is used from ``torchvision.ops`` directly.
@@ -22,6 +23,33 @@ def aligned_box_iou(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor
     area1 = (boxes1[..., 2] - boxes1[..., 0]).clamp(min=0) * (boxes1[..., 3] - boxes1[..., 1]).clamp(min=0)
     area2 = (boxes2[..., 2] - boxes2[..., 0]).clamp(min=0) * (boxes2[..., 3] - boxes2[..., 1]).clamp(min=0)
     return inter / (area1 + area2 - inter).clamp(min=eps)
+
+
+def distance_box_iof(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-6) -> Tensor:
+    """The released LD code's "DIoU" of every ``boxes1[i]`` with every ``boxes2[j]`` -> ``[N, M]``.
+
+    ``inter(b1, b2) / area(b1)  -  rho^2(b1, b2) / c^2(b1, b2)``: the intersection over the *first* box's
+    area (an IoF, mmdet's ``bbox_overlaps`` with ``union = area1`` in its ``diou`` mode) minus DIoU's
+    penalty, ``rho`` the distance between the centres and ``c`` the diagonal of the smallest enclosing
+    box. Paper (``torchvision.ops.distance_box_iou``): ``IoU - rho^2 / c^2``. The two agree when
+    ``b1`` and ``b2`` have the same area and differ most for an anchor inside a larger box (IoF 1).
+
+    Args:
+        boxes1: ``[N, 4]`` xyxy (LD: the anchors).
+        boxes2: ``[M, 4]`` xyxy (LD: the GT boxes).
+        eps: floor of the area and of ``c^2`` (mmdet's).
+    """
+    lt = torch.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # [N, M, 2]
+    rb = torch.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # [N, M]
+    area1 = (boxes1[:, 2:] - boxes1[:, :2]).prod(dim=-1)  # [N]
+    iof = inter / area1.clamp(min=eps)[:, None]
+    centre1 = (boxes1[:, None, :2] + boxes1[:, None, 2:]) / 2  # [N, 1, 2]
+    centre2 = (boxes2[None, :, :2] + boxes2[None, :, 2:]) / 2  # [1, M, 2]
+    rho2 = (centre1 - centre2).pow(2).sum(dim=-1)  # [N, M]
+    enclosing = torch.maximum(boxes1[:, None, 2:], boxes2[None, :, 2:]) - torch.minimum(boxes1[:, None, :2], boxes2[None, :, :2])
+    c2 = enclosing.clamp(min=0).pow(2).sum(dim=-1).clamp(min=eps)  # [N, M]
+    return iof - rho2 / c2
 
 
 def distance2bbox(points: Tensor, distances: Tensor) -> Tensor:
