@@ -44,6 +44,7 @@ from kdlab.data import build_dataset, make_shapes  # noqa: E402
 from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
 from kdlab.engine.experiment import (  # noqa: E402
     METRICS,
+    cached_teacher_cost_ratio,
     cell,
     compute_matched_config,
     make_config,
@@ -51,7 +52,6 @@ from kdlab.engine.experiment import (  # noqa: E402
     publish,
     relative_to,
     run,
-    teacher_cost_ratio,
     teacher_metrics,
 )
 
@@ -109,7 +109,9 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
     iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
     ratio = None
     if "compute_matched" in variants:
-        ratio = args.teacher_cost if args.teacher_cost is not None else teacher_cost_ratio(base, checkpoint)
+        # measured once and cached: the compute-matched runs' length depends on it
+        ratio = args.teacher_cost if args.teacher_cost is not None else cached_teacher_cost_ratio(
+            base, checkpoint, out / "teacher_cost.json")
         print(f"[{family}] teacher forward / student step = {ratio:.2f}", flush=True)
     runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
     for seed in sorted({s for v in variants for s in seeds[v]}):

@@ -128,17 +128,33 @@ def test_instance_relations_are_permutation_equivariant(filter):
     torch.testing.assert_close(steps.attention.sum(dim=1), torch.ones(5))
 
 
-def test_trained_gate_is_a_sigmoid_linear_score_of_each_pair():
+def test_trained_gate_is_a_bilinear_pair_score_that_gates_the_attention():
     torch.manual_seed(0)
-    module = InstanceRelationModule(6, filter="trained")
+    module = InstanceRelationModule(6, embed_dim=4, filter="trained", gate_rank=3)
     x = torch.randn(4, 6) * 3
-    gate = module.steps(x).gate
-    pairs = torch.cat([x[:, None].expand(4, 4, 6), x[None, :].expand(4, 4, 6)], dim=2)  # [K, K, 2D]
-    torch.testing.assert_close(gate, torch.sigmoid(module.pair_gate(pairs)[..., 0]))
-    assert ((gate >= 0) & (gate <= 1)).all()
-    # the gate multiplies f before the softmax
     steps = module.steps(x)
-    torch.testing.assert_close(steps.attention, torch.softmax(steps.similarity * gate, dim=1))
+    u, v = x @ module.pair_gate.query.weight.T, x @ module.pair_gate.key.weight.T  # [K, r]
+    expected_gate = torch.sigmoid(u @ v.T / math.sqrt(3) + module.pair_gate.bias)
+    torch.testing.assert_close(steps.gate, expected_gate)
+    assert ((steps.gate >= 0) & (steps.gate <= 1)).all()
+    # f is scaled by sqrt(E); the gate multiplies each pair's attention weight before normalising
+    f = module.theta(x) @ module.phi(x).T / math.sqrt(4)
+    torch.testing.assert_close(steps.similarity, f)
+    weights = expected_gate * torch.exp(f)
+    torch.testing.assert_close(steps.attention, weights / weights.sum(dim=1, keepdim=True))
+    # a pair-specific gate: it can close one pair (i, j) and leave (i, k) and (l, j) open
+    with torch.no_grad():
+        module.pair_gate.query.weight.zero_(); module.pair_gate.key.weight.zero_()
+        module.pair_gate.query.weight[0, 0] = 10.0; module.pair_gate.key.weight[0, 1] = 10.0
+        module.pair_gate.bias.fill_(0.0)
+    x = torch.zeros(3, 6)
+    x[0, 0], x[1, 1] = 1.0, -1.0  # (U x_0)(V x_1) = 10 * -10: only the pair (0, 1) is closed
+    gate = module.steps(x).gate
+    assert gate[0, 1] < 1e-3 and gate[0, 2] == 0.5 and gate[2, 1] == 0.5
+    assert module.steps(x).attention[0, 1] < 1e-3  # the closed pair gathers (almost) nothing
+    # the released code does not scale f
+    unscaled = InstanceRelationModule(6, embed_dim=4, filter="none", scale=False)
+    assert torch.allclose(unscaled.steps(x).similarity, unscaled.theta(x) @ unscaled.phi(x).T)
 
 
 def test_random_filter_is_the_released_fresh_linear_layer_and_changes_between_calls():

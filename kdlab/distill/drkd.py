@@ -34,7 +34,9 @@ option                 ``"paper"`` (default)      ``"official"`` (released code)
 weights pixel/inst/ft  1.0 / 1.0 / 1.0 (kdlab's)  1e-3 / 4e-3 / 2.4e-3
 distance               relative squared error     un-squared Frobenius, summed
 over levels            mean                       sum
-relation filter        trained gate               random, re-drawn at every forward
+relation filter        trained pair gate          random, re-drawn at every forward
+similarity f           divided by sqrt(E)         unscaled
+graph node features    divided by H W             unnormalised
 adapters               when channels differ       always (as released)
 RoIAlign               aligned, sampling ratio 2  ``aligned=False``, adaptive sampling
 relations need         >= 2 instances in an image >= 1 (an image of 1 still counts)
@@ -73,10 +75,10 @@ DRKD_VARIANTS = ("paper", "official")
 VARIANT_DEFAULTS = {
     "paper": dict(pixel_weight=1.0, instance_weight=1.0, instance_feature_weight=1.0, filter="trained",
                   distance="relative", always_adapt=False, roi_aligned=True, roi_sampling_ratio=2, min_instances=2,
-                  pool_from_first_image=False),
+                  pool_from_first_image=False, scale_relations=True, normalize_nodes=True),
     "official": dict(pixel_weight=1e-3, instance_weight=4e-3, instance_feature_weight=2.4e-3, filter="random",
                      distance="frobenius", always_adapt=True, roi_aligned=False, roi_sampling_ratio=-1, min_instances=1,
-                     pool_from_first_image=True),
+                     pool_from_first_image=True, scale_relations=False, normalize_nodes=False),
 }
 # the released sizes: GloRe_Unit_2D(256, 64) on the two finest levels, (256, 256) on the others; S = 2 N
 RELEASED_NODES_FINE, RELEASED_NODES_COARSE = 64, 256
@@ -125,7 +127,9 @@ class DRKD(DistillCriterion):
         instance_embed_dim: ``E`` of the instance modules (default ``C S² // 2``, released).
         min_instances: *(variant)* fewest GT boxes for an image's relations to count.
         norm: graph-unit norm, ``"batch"`` (released), ``"group"`` or ``"none"``.
-        normalize_nodes: divide node features by ``H W`` (GloRe's option; released: no).
+        normalize_nodes: *(variant)* divide node features by ``H W`` (GloRe's option; released: no, and
+            the unit's pre-norm activations then grow with the map's size).
+        scale_relations: *(variant)* divide the instance similarities by ``sqrt(E)`` (released: no).
         zero_init: graph units start as the identity (released: no).
         always_adapt: *(variant)* adapters even when the channels match.
         pool_from_first_image: *(variant)* the released code's RoIAlign of every image's boxes on
@@ -144,7 +148,8 @@ class DRKD(DistillCriterion):
                  instance_levels: Sequence[int] = (0, 1), filter: str | None = None, distance: str | None = None,
                  roi_output_size: int = 3, roi_sampling_ratio: int | None = None, roi_aligned: bool | None = None,
                  instance_embed_dim: int | None = None, min_instances: int | None = None, norm: str = "batch",
-                 normalize_nodes: bool = False, zero_init: bool = False, always_adapt: bool | None = None,
+                 normalize_nodes: bool | None = None, scale_relations: bool | None = None, zero_init: bool = False,
+                 always_adapt: bool | None = None,
                  pool_from_first_image: bool | None = None, probe_size: int = 256):
         super().__init__(student, teacher)
         if variant not in DRKD_VARIANTS:
@@ -152,7 +157,8 @@ class DRKD(DistillCriterion):
         given = dict(pixel_weight=pixel_weight, instance_weight=instance_weight,
                      instance_feature_weight=instance_feature_weight, filter=filter, distance=distance,
                      always_adapt=always_adapt, roi_aligned=roi_aligned, roi_sampling_ratio=roi_sampling_ratio,
-                     min_instances=min_instances, pool_from_first_image=pool_from_first_image)
+                     min_instances=min_instances, pool_from_first_image=pool_from_first_image,
+                     normalize_nodes=normalize_nodes, scale_relations=scale_relations)
         options = {k: VARIANT_DEFAULTS[variant][k] if v is None else v for k, v in given.items()}
         self.variant, self.filter, self.distance = variant, options["filter"], options["distance"]
         self.roi_output_size, self.roi_aligned = roi_output_size, options["roi_aligned"]
@@ -187,7 +193,8 @@ class DRKD(DistillCriterion):
 
             def graph_units(channels: list[int]) -> nn.ModuleList:
                 return nn.ModuleList(
-                    GraphReasoningUnit(channels[level], n, s, norm=norm, normalize=normalize_nodes, zero_init=zero_init)
+                    GraphReasoningUnit(channels[level], n, s, norm=norm, normalize=options["normalize_nodes"],
+                                       zero_init=zero_init)
                     for level, n, s in zip(self.pixel_levels, nodes, states))
 
             self.student_graph_units = graph_units(student_channels)
@@ -196,7 +203,8 @@ class DRKD(DistillCriterion):
         if "loss_drkd_instance" in self.weight_dict:
             def relation_modules(channels: list[int]) -> nn.ModuleList:
                 return nn.ModuleList(
-                    InstanceRelationModule(channels[level] * roi_output_size ** 2, instance_embed_dim, self.filter)
+                    InstanceRelationModule(channels[level] * roi_output_size ** 2, instance_embed_dim, self.filter,
+                                           scale=options["scale_relations"])
                     for level in self.instance_levels)
 
             self.student_instance_relations = relation_modules(student_channels)

@@ -145,9 +145,9 @@ class InstanceRelationSteps:
     """What one :class:`InstanceRelationModule` computes for the ``K`` instances of an image.
 
     Attributes:
-        similarity: ``[K, K]`` the relation matrix ``f = θ(x) φ(x)ᵀ``.
+        similarity: ``[K, K]`` the relation matrix ``f = θ(x) φ(x)ᵀ`` (divided by ``sqrt(E)`` when scaled).
         gate: ``[K, K]`` the relation filter's gate in ``[0, 1]`` (ones without a filter).
-        attention: ``[K, K]`` ``softmax_j(f ⊙ gate)``, rows sum to 1.
+        attention: ``[K, K]`` the gated softmax over ``j`` (see the module), rows sum to 1.
         output: the instances' relation features, the input's shape ``[K, ...]``.
     """
 
@@ -157,29 +157,52 @@ class InstanceRelationSteps:
     output: Tensor
 
 
+class PairGate(nn.Module):
+    """kdlab's trained relation filter: a score for each ordered pair of instances.
+
+    ``gate_ij = σ((U x_i) · (V x_j) / sqrt(r) + b)`` with ``U, V: R^D -> R^r``: a low-rank bilinear form,
+    so the gate can single out a pair (an additive score ``u_i + v_j`` could only mute all of one
+    instance's relations at once), at ``O(K² r)`` cost. ``b`` starts at 2 (gates near 0.88): the
+    filter starts open and learns what to suppress.
+    """
+
+    def __init__(self, in_dim: int, rank: int = 32, initial_bias: float = 2.0):
+        super().__init__()
+        self.rank = rank
+        self.query = nn.Linear(in_dim, rank, bias=False)  # U
+        self.key = nn.Linear(in_dim, rank, bias=False)  # V
+        self.bias = nn.Parameter(torch.tensor(float(initial_bias)))
+
+    def forward(self, flat: Tensor) -> Tensor:
+        """``[K, D]`` -> ``[K, K]`` gates in ``(0, 1)``."""
+        return torch.sigmoid(self.query(flat) @ self.key(flat).T / math.sqrt(self.rank) + self.bias)
+
+
 class InstanceRelationModule(nn.Module):
     """Relations among the instances of one image, with DRKD's relation filter.
 
     With ``x_i`` the flattened RoI features of instance ``i`` (``D = C S S``) and ``E`` the
     embedding size::
 
-        f_ij = θ(x_i) · φ(x_j)                  relation matrix, [K, K]
-        a_ij = softmax_j(f_ij ⊙ gate_ij)        the filter, then a softmax over j
-        z_i  = W(Σ_j a_ij g(x_j)) + x_i          aggregation, projection, residual
+        f_ij = θ(x_i) · φ(x_j) / sqrt(E)          relation matrix, [K, K]
+        a_ij = gate_ij exp(f_ij) / Σ_k gate_ik exp(f_ik)     the filter, then a softmax over j
+        z_i  = W(Σ_j a_ij g(x_j)) + x_i           aggregation, projection, residual
 
-    ``θ, φ, g: R^D -> R^E`` and ``W: R^E -> R^D`` are linear maps with bias; ``f`` is not scaled
-    by ``1/sqrt(E)`` (the released code does not scale it). The relation filter ``gate``:
+    ``θ, φ, g: R^D -> R^E`` and ``W: R^E -> R^D`` are linear maps with bias. The relation filter:
 
-    - ``"trained"`` (kdlab's, the paper's intent): ``gate_ij = σ(w · [x_i ; x_j] + b)``, a learned
-      linear score of each ordered pair, squashed to ``[0, 1]``; a gate near 0 pulls the pair's
-      similarity to 0 (a neutral logit) before the softmax. It is defined for any ``K``, permutes
-      with the instances and is trained with the module.
+    - ``"trained"`` (kdlab's, the paper's intent): :class:`PairGate`, a learned score of each ordered
+      pair in ``(0, 1)``; it multiplies the pair's attention weight before the normalisation
+      (``softmax_j(f_ij + log gate_ij)``), so a gate near 0 removes the pair from what ``i`` gathers.
     - ``"random"`` (the released code, ``variant="official"``): ``gate = softmax_j(x R + r)`` with
       ``R [D, K]``, ``r [K]`` drawn afresh at every call with ``nn.Linear``'s default init
-      (``U(±1/sqrt(D))``). Its width depends on ``K``, so it cannot be a parameter: it never
-      learns, and column ``j`` is a random slot, not instance ``j``. Its rows sum to 1 (entries
-      average ``1/K``): mostly a noisy shrinking of the similarities by about ``K``.
-    - ``"none"``: no filter (``gate = 1``).
+      (``U(±1/sqrt(D))``), multiplied into the similarities as released (``softmax_j(f_ij gate_ij)``).
+      Its width depends on ``K``, so it cannot be a parameter: it never learns, and column ``j`` is
+      a random slot, not instance ``j``; on large features its rows are nearly one-hot, so it
+      favours a random partner.
+    - ``"none"``: no filter.
+
+    The released code does not scale ``f`` by ``1/sqrt(E)`` (``scale=False``); unscaled, the
+    similarities of large features run to thousands and the softmax picks one partner per instance.
 
     An image with no instance gives empty outputs; with one, ``a = [[1]]``.
 
@@ -187,28 +210,28 @@ class InstanceRelationModule(nn.Module):
         in_dim: ``D = C S S`` of the flattened RoI features.
         embed_dim: ``E`` (default ``D // 2``, as released).
         filter: ``"trained"``, ``"random"`` or ``"none"``.
+        scale: divide the similarities by ``sqrt(E)`` (kdlab; the released code does not).
+        gate_rank: ``r`` of the trained filter.
     """
 
-    def __init__(self, in_dim: int, embed_dim: int | None = None, filter: str = "trained"):
+    def __init__(self, in_dim: int, embed_dim: int | None = None, filter: str = "trained", scale: bool = True,
+                 gate_rank: int = 32):
         super().__init__()
         if filter not in RELATION_FILTERS:
             raise ValueError(f"filter must be one of {RELATION_FILTERS}, got {filter!r}")
         embed_dim = embed_dim or max(in_dim // 2, 1)
-        self.in_dim, self.embed_dim, self.filter = in_dim, embed_dim, filter
+        self.in_dim, self.embed_dim, self.filter, self.scale = in_dim, embed_dim, filter, scale
         self.theta = nn.Linear(in_dim, embed_dim)
         self.phi = nn.Linear(in_dim, embed_dim)
         self.g = nn.Linear(in_dim, embed_dim)
         self.out = nn.Linear(embed_dim, in_dim)  # W
-        # w · [x_i ; x_j] + b of every pair, computed as (w_1 · x_i) + (w_2 · x_j) + b (no [K, K, 2D] tensor)
-        self.pair_gate = nn.Linear(2 * in_dim, 1) if filter == "trained" else None
+        self.pair_gate = PairGate(in_dim, gate_rank) if filter == "trained" else None
 
     def relation_gate(self, instances: Tensor) -> Tensor:
         """The relation filter's gate ``[K, K]`` in ``[0, 1]`` for flattened instances ``[K, D]``."""
         num = instances.shape[0]
         if self.filter == "trained":
-            w_first, w_second = self.pair_gate.weight[0].split(self.in_dim)
-            scores = (instances @ w_first)[:, None] + (instances @ w_second)[None, :] + self.pair_gate.bias
-            return torch.sigmoid(scores)
+            return self.pair_gate(instances)
         if self.filter == "random":  # the released code's nn.Linear(D, K), re-created at every forward
             bound, like = 1.0 / math.sqrt(self.in_dim), dict(device=instances.device, dtype=instances.dtype)
             weight = torch.empty(num, self.in_dim, **like).uniform_(-bound, bound)  # [K, D], kaiming_uniform(a=sqrt(5))
@@ -224,8 +247,14 @@ class InstanceRelationModule(nn.Module):
         """
         flat = instances.reshape(instances.shape[0], self.in_dim)  # [K, D]
         similarity = self.theta(flat) @ self.phi(flat).T  # [K, K]
+        if self.scale:
+            similarity = similarity / math.sqrt(self.embed_dim)
         gate = self.relation_gate(flat)  # [K, K]
-        attention = torch.softmax(similarity * gate, dim=-1)  # [K, K]
+        if self.filter == "random":  # released: the gate multiplies the similarities
+            logits = similarity * gate
+        else:  # a gate multiplies each pair's attention weight: exp(f) * gate = exp(f + log gate)
+            logits = similarity + torch.log(gate.clamp(min=1e-12))
+        attention = torch.softmax(logits, dim=-1)  # [K, K]
         related = self.out(attention @ self.g(flat))  # [K, D]
         return InstanceRelationSteps(similarity, gate, attention, (related + flat).view(instances.shape))
 
