@@ -103,7 +103,7 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
     out = args.out / family
     checkpoint = teacher_checkpoint(family)
     base = make_config(student_config(family), common)
-    eval_cfg = make_config(student_config(family), {**common, "distill": None, "teacher_checkpoint": None})
+    eval_cfg = make_config(student_config(family), {**common, "distill": None, "distill_options": {}, "teacher_checkpoint": None})
     teacher = teacher_metrics(eval_cfg, checkpoint, out / "teacher_eval.json")
     train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size, max_size=base.max_size)
     iters_per_epoch = math.ceil(len(train_set) / base.batch_size)

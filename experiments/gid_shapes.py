@@ -103,7 +103,7 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
         run(make_config(teacher_config(family), {**common, "output_dir": str(out / "teacher"), "seed": 0}))
         checkpoint = out / "teacher" / "student.pt"
     base = make_config(student_config(family), common)
-    eval_cfg = make_config(student_config(family), {**common, "distill": None, "teacher_checkpoint": None})
+    eval_cfg = make_config(student_config(family), {**common, "distill": None, "distill_options": {}, "teacher_checkpoint": None})
     teacher = teacher_metrics(eval_cfg, checkpoint, out / "teacher_eval.json")
     ratio = None
     if "compute_matched" in variants:
