@@ -162,7 +162,7 @@ def test_an_unfinished_run_points_to_resume(tmp_path):
     ("distill_options.temprature=5",
      "kdlab: error: distill_options: distill='ld' (kdlab.distill.ld.LD) has no option 'temprature'; did you mean "),
     ("distill_options.main_ld_weight=abc",
-     "kdlab: error: distill_options.main_ld_weight must be float, got 'abc' (str) for distill='ld'"),
+     "kdlab: error: distill_options.main_ld_weight must be float | None, got 'abc' (str) for distill='ld'"),
     ("distill_options.vlr_exclude_positives=3", "kdlab: error: distill_options.vlr_exclude_positives must be bool"),
 ])
 def test_distill_option_typos_and_wrong_types_are_one_line(tiny_config, tmp_path, override, expected, capsys):
