@@ -9,7 +9,7 @@ PIP    := $(VPY) -m pip install --progress-bar off -q
 # pinned so pip never resolves another torch (the CPU/CUDA wheels of these versions)
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast notebooks clean
+.PHONY: setup demo test test-fast notebooks nbval-matrix clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,12 @@ test-fast: setup
 # nbval's kernels get (notebooks/conftest.py, notebooks/execute.py)
 notebooks: setup
 	$(VPY) notebooks/execute.py notebooks/[0-9]*.ipynb
+
+# nbval over every notebook under CPU kernel settings that change the last bits (ATen capability, oneDNN
+# ISA, MKL_CBWR, threads; a pairwise covering array + the machine default + the legacy pins): the pass
+# table and the spread of every checked figure go to notebooks/nbval_matrix.md (about 8 x make test's time)
+nbval-matrix: setup
+	$(VPY) notebooks/nbval_matrix.py
 
 clean:
 	rm -rf outputs runs .pytest_cache

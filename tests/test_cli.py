@@ -241,14 +241,18 @@ def test_ld_example_config_is_the_student_config_plus_ld():
     import inspect
 
     from kdlab.config import load_config
-    from kdlab.distill.ld import LD
+    from kdlab.distill.ld import CALIBRATED_LD_WEIGHTS, LD
 
     student, ld = load_config(REPO / "configs/shapes_gfl_student.yaml"), load_config(REPO / "configs/shapes_gfl_ld_student.yaml")
     distill_keys = {"distill", "distill_options", "teacher_checkpoint", "teacher_config", "output_dir"}
     assert {k: v for k, v in student.to_dict().items() if k not in distill_keys} == \
         {k: v for k, v in ld.to_dict().items() if k not in distill_keys}
     defaults = {name: p.default for name, p in inspect.signature(LD.__init__).parameters.items()}
-    assert ld.distill == "ld" and all(defaults[k] == v for k, v in ld.distill_options.items())  # the published LD
+    # LD's weight defaults are None: resolved by variant, kdlab's calibrated weights for variant="kdlab"
+    assert defaults["main_ld_weight"] is None and defaults["vlr_ld_weight"] is None
+    defaults.update(main_ld_weight=CALIBRATED_LD_WEIGHTS["loss_ld"], vlr_ld_weight=CALIBRATED_LD_WEIGHTS["loss_ld_vlr"])
+    assert ld.distill == "ld" and ld.distill_options["variant"] == "kdlab"
+    assert all(defaults[k] == v for k, v in ld.distill_options.items())  # LD's defaults, written out
 
 
 # ---------------------------------------------------------------- eval and predict
