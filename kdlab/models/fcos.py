@@ -33,12 +33,7 @@ from kdlab.models.common import (
     slot_layout,
 )
 from kdlab.models.outputs import DenseAssignment, DenseOutput
-from kdlab.models.retinanet import (
-    _check_columns,
-    _take_conv_outputs,
-    gather_matched_gt_boxes,
-    require_assignment,
-)
+from kdlab.models.retinanet import gather_matched_gt_boxes, require_assignment, restrict_class_outputs_
 from kdlab.utils.dist import reduce_normalizer
 
 
@@ -172,13 +167,7 @@ class FCOS(tv_fcos.FCOS, Detector):
     @torch.no_grad()
     def restrict_classes_(self, columns: Tensor) -> "FCOS":
         """Keep only the class outputs ``columns`` (in place); see :meth:`RetinaNet.restrict_classes_`."""
-        head = self.head.classification_head
-        columns = _check_columns(columns, head.num_classes)
-        head.cls_logits = _take_conv_outputs(head.cls_logits, columns)
-        head.num_classes = self.num_classes = len(columns)
-        if self.class_names is not None:
-            self.class_names = [self.class_names[c] for c in columns.tolist()]
-        return self
+        return restrict_class_outputs_(self, columns)
 
 
 class FCOSCriterion(Criterion):

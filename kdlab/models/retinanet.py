@@ -183,14 +183,7 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
 
         Typical use: a COCO-trained teacher for a dataset, ``columns = coco91_columns(...)``.
         """
-        head = self.head.classification_head
-        columns = _check_columns(columns, head.num_classes)
-        rows = (torch.arange(head.num_anchors)[:, None] * head.num_classes + columns[None, :]).flatten()
-        head.cls_logits = _take_conv_outputs(head.cls_logits, rows)
-        head.num_classes = self.num_classes = len(columns)
-        if self.class_names is not None:
-            self.class_names = [self.class_names[c] for c in columns.tolist()]
-        return self
+        return restrict_class_outputs_(self, columns, self.head.classification_head.num_anchors)
 
 
 class RetinaNetCriterion(Criterion):
@@ -255,6 +248,19 @@ def gather_matched_gt_boxes(assignment: DenseAssignment) -> Tensor:
     """``[P, 4]`` GT box of every positive slot, in ``pos_mask.nonzero()`` order."""
     boxes = [gt[idx[pos]] for gt, idx, pos in zip(assignment.gt_boxes, assignment.matched_gt, assignment.pos_mask)]
     return torch.cat(boxes) if boxes else assignment.pos_mask.new_zeros((0, 4), dtype=torch.float32)
+
+
+def restrict_class_outputs_(model: Detector, columns, num_anchors: int = 1) -> Detector:
+    """Keep only the class outputs ``columns`` of a dense ``model``'s ``head.classification_head`` (in
+    place; ``num_anchors`` blocks of class logits per location): label ``j`` becomes old label ``columns[j]``."""
+    head = model.head.classification_head
+    columns = _check_columns(columns, head.num_classes)
+    rows = (torch.arange(num_anchors)[:, None] * head.num_classes + columns[None, :]).flatten()
+    head.cls_logits = _take_conv_outputs(head.cls_logits, rows)
+    head.num_classes = model.num_classes = len(columns)
+    if model.class_names is not None:
+        model.class_names = [model.class_names[c] for c in columns.tolist()]
+    return model
 
 
 def _check_columns(columns, num_outputs: int) -> Tensor:

@@ -33,6 +33,15 @@ def _backbone(levels, backbone, backbone_width, backbone_weights, backbone_norm,
                               backbone_weights=backbone_weights, fpn_channels=fpn_channels, levels=levels)
 
 
+def _dense(plain: type, distribution: type, body, num_classes: int, reg_max: int | None, head_convs: int,
+           **options):
+    """``plain(body, num_classes, **options)``, or with ``reg_max`` its distribution-head twin (GroupNorm towers)."""
+    if reg_max is None:
+        return plain(body, num_classes, **options)
+    return distribution(body, num_classes, reg_max=reg_max, head_convs=head_convs, head_norm_layer=group_norm,
+                        **options)
+
+
 def retinanet(
     num_classes: int,
     backbone: str = "resnet50",
@@ -73,12 +82,9 @@ def retinanet(
     head = tv_retinanet.RetinaNetHead(fpn_channels, num_anchors, num_classes, norm_layer=group_norm)
     head.classification_head.conv = conv_tower(fpn_channels, head_convs, group_norm, blocks=True)
     head.regression_head.conv = conv_tower(fpn_channels, head_convs, group_norm, blocks=True)
-    options = dict(strides=strides, anchor_generator=anchor_generator, head=head, box_loss=box_loss,
-                   score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
-    if reg_max is None:
-        return RetinaNet(body, num_classes, **options)
-    return DistributionRetinaNet(body, num_classes, reg_max=reg_max, head_convs=head_convs,
-                                 head_norm_layer=group_norm, **options)
+    return _dense(RetinaNet, DistributionRetinaNet, body, num_classes, reg_max, head_convs, strides=strides,
+                  anchor_generator=anchor_generator, head=head, box_loss=box_loss, score_thresh=score_thresh,
+                  nms_thresh=nms_thresh, detections_per_img=detections_per_img)
 
 
 def fcos(
@@ -105,12 +111,8 @@ def fcos(
     head.classification_head = tv_fcos.FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs,
                                                               norm_layer=group_norm)
     head.regression_head = tv_fcos.FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=group_norm)
-    options = dict(strides=LEVEL_LAYOUTS["p3p7"], head=head, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                   detections_per_img=detections_per_img)
-    if reg_max is None:
-        return FCOS(body, num_classes, **options)
-    return DistributionFCOS(body, num_classes, reg_max=reg_max, head_convs=head_convs,
-                            head_norm_layer=group_norm, **options)
+    return _dense(FCOS, DistributionFCOS, body, num_classes, reg_max, head_convs, strides=LEVEL_LAYOUTS["p3p7"],
+                  head=head, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
 
 
 def faster_rcnn(
