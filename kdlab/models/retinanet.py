@@ -31,7 +31,7 @@ from kdlab.models.common import (
     batch_anchors,
     check_batch,
     normalise_image_sizes,
-    postprocess_dense,
+    postprocess_torchvision_dense,
     slot_layout,
 )
 from kdlab.models.outputs import DenseAssignment, DenseOutput
@@ -101,20 +101,11 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
         anchors = batch_anchors(self.anchor_generator, images, features)  # [N, 4]
         layout = slot_layout(anchors, features, self.strides, self.anchors_per_location)
         return DenseOutput(
-            features=features,
-            cls_logits=cls_logits,
-            box_regression=box_regression,
-            pred_boxes=self.decode_boxes(box_regression, anchors, layout),
-            points=layout.points,
-            anchors=anchors,
-            strides=layout.strides,
-            levels=layout.levels,
-            num_per_level=layout.num_per_level,
-            image_sizes=normalise_image_sizes(image_sizes),
-            box_logits=box_logits,
+            features=features, cls_logits=cls_logits, box_regression=box_regression,
+            pred_boxes=self.decode_boxes(box_regression, anchors, layout), anchors=anchors, **layout.output_fields(),
+            image_sizes=normalise_image_sizes(image_sizes), box_logits=box_logits,
             assignment=self.assign(anchors, targets) if targets is not None else None,
-            assign_rule=("anchor_iou", float(self.proposal_matcher.high_threshold)),
-            source=type(self).__name__,
+            assign_rule=("anchor_iou", float(self.proposal_matcher.high_threshold)), source=type(self).__name__,
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -163,16 +154,7 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
         Returns:
             per image ``boxes`` ``[K, 4]`` (input pixels), ``scores`` ``[K]``, ``labels`` ``[K]``.
         """
-        return postprocess_dense(
-            output.cls_logits.sigmoid(),
-            output.pred_boxes,
-            output.num_per_level,
-            output.image_sizes,
-            self.score_thresh,
-            self.topk_candidates,
-            self.nms_thresh,
-            self.detections_per_img,
-        )
+        return postprocess_torchvision_dense(self, output, output.cls_logits.sigmoid())
 
     def build_criterion(self) -> "RetinaNetCriterion":
         return RetinaNetCriterion(self.num_classes, box_loss=self.box_loss, box_coder_weights=self.box_coder.weights)
