@@ -44,18 +44,10 @@ def _dense(plain: type, distribution: type, body, num_classes: int, reg_max: int
 
 def retinanet(
     num_classes: int,
-    backbone: str = "resnet50",
-    backbone_width: int = 64,
-    backbone_weights: str | None = None,
-    backbone_norm: str | None = None,
-    fpn_channels: int = 256,
-    head_convs: int = 4,
-    reg_max: int | None = None,
-    anchor_scale: float = 4.0,
-    box_loss: str = "giou",
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
+    backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+    backbone_norm: str | None = None, fpn_channels: int = 256, head_convs: int = 4, reg_max: int | None = None,
+    anchor_scale: float = 4.0, box_loss: str = "giou",
+    score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
 ) -> RetinaNet:
     """RetinaNet with torchvision's v2 head (GroupNorm towers, GIoU loss) on any backbone.
 
@@ -89,16 +81,9 @@ def retinanet(
 
 def fcos(
     num_classes: int,
-    backbone: str = "resnet50",
-    backbone_width: int = 64,
-    backbone_weights: str | None = None,
-    backbone_norm: str | None = None,
-    fpn_channels: int = 256,
-    head_convs: int = 4,
-    reg_max: int | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
+    backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+    backbone_norm: str | None = None, fpn_channels: int = 256, head_convs: int = 4, reg_max: int | None = None,
+    score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
 ) -> FCOS:
     """FCOS (torchvision's head: GroupNorm towers, centre-ness on the box tower) on any backbone.
 
@@ -117,19 +102,11 @@ def fcos(
 
 def faster_rcnn(
     num_classes: int,
-    backbone: str = "resnet50",
-    backbone_width: int = 64,
-    backbone_weights: str | None = None,
-    backbone_norm: str | None = None,
-    fpn_channels: int = 256,
-    representation_size: int | None = None,
-    anchor_scale: float = 8.0,
-    rpn_pre_nms_top_n_train: int = 1000,
-    rpn_post_nms_top_n_train: int = 1000,
-    rpn_post_nms_top_n_test: int = 1000,
-    box_batch_size_per_image: int = 128,
-    box_score_thresh: float = 0.05,
-    box_detections_per_img: int = 100,
+    backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+    backbone_norm: str | None = None, fpn_channels: int = 256,
+    representation_size: int | None = None, anchor_scale: float = 8.0,
+    rpn_pre_nms_top_n_train: int = 1000, rpn_post_nms_top_n_train: int = 1000, rpn_post_nms_top_n_test: int = 1000,
+    box_batch_size_per_image: int = 128, box_score_thresh: float = 0.05, box_detections_per_img: int = 100,
 ) -> FasterRCNN:
     """Faster R-CNN with FPN P2-P6 (torchvision's layout) on any backbone; kdlab labels ``0 .. C-1``.
 
