@@ -6,6 +6,11 @@ resumes), reports mean ± sample std over seeds (:func:`mean_std`, the bare valu
 on a real run publishes ``experiments/results/<name>.{json,md}`` (:func:`publish`), which the
 notebooks read.
 
+A script names its rows (config fields per row) and its groups (families, settings); the rest is here:
+:func:`run_groups` (the main loop: seeds per row, ``results.json`` after each group, the tables),
+:func:`run_rows` (one student/teacher pair: the teacher's metrics and cost, every row for each seed),
+:func:`ensure_teacher`, and the shared arguments (:func:`add_run_arguments`, :func:`parse_run_arguments`).
+
 **Compute-matched baseline.** A distilled step also runs the teacher's forward. The question a
 practitioner asks first is whether that compute would do better spent on the student itself:
 :func:`teacher_cost_ratio` measures ``r = t(teacher forward) / t(student step)`` on real batches,
