@@ -34,7 +34,6 @@ shapes: ``experiments/gid_terms.py`` measures each term's gradient against the d
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -43,24 +42,11 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
     sys.path.insert(0, str(REPO))
 
 from kdlab.config import load_config  # noqa: E402
-from kdlab.data import build_dataset  # noqa: E402
-from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
-from kdlab.engine.experiment import (  # noqa: E402
-    cached_teacher_cost_ratio,
-    comparison_lines,
-    compute_matched_config,
-    ensure_shapes,
-    make_config,
-    mean_std,
-    parse_seeds_for,
-    relative_to,
-    results_table,
-    run,
-    run_fields,
-    seeds_per_row,
-    teacher_metrics,
-    write_results,
-)
+from kdlab.engine.experiment import add_run_arguments, comparison_lines  # noqa: E402
+from kdlab.engine.experiment import ensure_teacher, parse_run_arguments, parse_seeds_for  # noqa: E402
+from kdlab.engine.experiment import parse_teacher_costs, relative_to, results_table, run_groups  # noqa: E402
+from kdlab.engine.experiment import run_rows, shapes_run_fields, student_alone_fields  # noqa: E402
+from kdlab.engine.experiment import mean_std  # noqa: E402, F401 (the tests read it here)
 
 TARGET_GAIN = 1.5  # AP points, GID full over the RetinaNet student alone (the issue's target)
 
@@ -95,42 +81,22 @@ def teacher_config(family: str) -> Path:
 
 def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], args: argparse.Namespace,
                common: dict) -> dict:
-    """The teacher, its measured cost, then every variant for every seed; the family's part of results.json."""
+    """The teacher (trained first when needed), its measured cost, then every variant for every seed
+    (:func:`~kdlab.engine.experiment.run_rows`); the family's part of results.json."""
     out = args.out / family
-    checkpoint = REPO / "data" / "checkpoints" / f"shapes_{family}_teacher.pt"
-    if not checkpoint.is_file():
-        print(f"[{family}] training the teacher ({teacher_config(family).name})", flush=True)
-        run(make_config(teacher_config(family), {**common, "output_dir": str(out / "teacher"), "seed": 0}))
-        checkpoint = out / "teacher" / "student.pt"
-    base = make_config(student_config(family), common)
-    eval_cfg = make_config(student_config(family), {**common, "distill": None, "distill_options": {}, "teacher_checkpoint": None})
-    teacher = teacher_metrics(eval_cfg, checkpoint, out / "teacher_eval.json")
-    ratio = None
-    if "compute_matched" in variants:
-        ratio = args.teacher_cost.get(family)
-        if ratio is None:
-            ratio = cached_teacher_cost_ratio(base, checkpoint, out / "teacher_cost.json")
-        print(f"[{family}] teacher forward / student step = {ratio:.2f}", flush=True)
-        train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size,
-                                  max_size=base.max_size)
-        iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
-    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
-    for seed in sorted({s for v in variants for s in seeds[v]}):
-        for variant in (v for v in variants if seed in seeds[v]):
-            options = VARIANTS[variant][1]
-            fields = {**common, "seed": seed, "output_dir": str(out / variant / f"seed{seed}")}
-            if options is None:
-                fields.update(distill=None, distill_options={}, teacher_checkpoint=None, teacher_config=None)
-            else:
-                fields.update(distill="gid", distill_options={**base.distill_options, **options},
-                              teacher_checkpoint=str(checkpoint), teacher_config=None)
-            cfg = make_config(student_config(family), fields)
-            if variant == "compute_matched":
-                cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
-            runs[variant][seed] = run(cfg)
-    table = {v: mean_std(by_seed) for v, by_seed in runs.items()}
-    return {"teacher_checkpoint": relative_to(checkpoint, REPO), "teacher": teacher, "teacher_cost_ratio": ratio,
-            "runs": runs, "table": {v: {m: list(c) for m, c in cells.items()} for v, cells in table.items()}}
+    checkpoint = ensure_teacher(family, REPO / "data" / "checkpoints" / f"shapes_{family}_teacher.pt",
+                                teacher_config(family), common, out / "teacher")
+
+    def row_fields(variant: str, seed: int, base) -> dict:
+        options = VARIANTS[variant][1]
+        if options is None:
+            return student_alone_fields()
+        return {"distill": "gid", "distill_options": {**base.distill_options, **options},
+                "teacher_checkpoint": str(checkpoint), "teacher_config": None}
+
+    return {"teacher_checkpoint": relative_to(checkpoint, REPO),
+            **run_rows(family, student_config(family), common, variants, seeds, row_fields, checkpoint, out,
+                       args.teacher_cost.get(family))}
 
 
 def markdown(family: str, part: dict, note: str) -> str:
@@ -159,24 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "retinanet/gid_feature=0 (the ablations once)")
     parser.add_argument("--teacher-cost", nargs="+", default=[], metavar="FAMILY=R", dest="teacher_cost_list",
                         help="use this teacher-forward / student-step ratio instead of measuring it, e.g. retinanet=0.9")
-    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch")
-    parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
-    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the configs')")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    smoke = args.quick or args.max_iters is not None
-    if args.out is None:
-        args.out = REPO / "outputs" / ("gid_shapes_quick" if smoke else "gid_shapes")
+    add_run_arguments(parser)
+    args = parse_run_arguments(parser, argv, "gid_shapes", REPO)
     keys = set(FAMILIES) | {f"{f}/{v}" for f, variants in FAMILIES.items() for v in variants}
     try:
         args.seeds_for = parse_seeds_for(args.seeds_for_list, keys)
-        args.teacher_cost = {k: float(v) for k, v in (item.split("=", 1) for item in args.teacher_cost_list)}
+        args.teacher_cost = parse_teacher_costs(args.teacher_cost_list, FAMILIES, "FAMILY")
     except ValueError as err:
         parser.error(str(err))
-    if set(args.teacher_cost) - set(FAMILIES):
-        parser.error(f"--teacher-cost expects FAMILY=R with FAMILY one of {sorted(FAMILIES)}, got {args.teacher_cost_list}")
     for family in args.families:
         for path in (student_config(family), teacher_config(family)):
             if not path.is_file():
@@ -186,25 +142,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    seeds = [args.seeds[0]] if args.quick else args.seeds
-    common = run_fields(args.device, args.quick, args.max_iters, args.num_workers)
-    data_root = args.data_root or REPO / load_config(student_config(args.families[0])).data_root
-    ensure_shapes(data_root)
-    common["data_root"] = str(data_root)
-    smoke = args.quick or args.max_iters is not None
-    note = " — SMOKE TEST, not a result" if smoke else ""
-    results = {"seeds": seeds, "smoke_test": smoke, "variants": LABELS, "families": {}}
-    sections = []
-    for family in args.families:
-        variants = [v for v in FAMILIES[family] if v in args.variants]
-        variant_seeds = seeds_per_row(family, variants, seeds, args.seeds_for, args.quick)
-        print(f"[{family}] seeds {variant_seeds} -> {args.out / family}", flush=True)
-        results["families"][family] = part = run_family(family, variants, variant_seeds, args, common)
-        part["seeds"] = variant_seeds
-        sections.append(markdown(family, part, note))
-        atomic_save_json(results, args.out / "results.json")
+    common = shapes_run_fields(args, args.data_root or REPO / load_config(student_config(args.families[0])).data_root)
     # a real run publishes the tables notebook 03 shows (tracked in git)
-    write_results(results, sections, "GID experiment (shapes, quick CPU configurations)", args.out, "gid_shapes", REPO, not smoke)
+    run_groups(args, "families", {f: [v for v in FAMILIES[f] if v in args.variants] for f in args.families}, LABELS,
+               lambda family, variants, seeds: run_family(family, variants, seeds, args, common), markdown,
+               "GID experiment (shapes, quick CPU configurations)", "gid_shapes", REPO)
     return 0
 
 

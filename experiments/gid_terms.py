@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import load_config  # noqa: E402
 from kdlab.engine.build import build_datasets, build_loader, build_task, named_trainable_parameters  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device, seed_everything  # noqa: E402
-from kdlab.engine.experiment import write_results  # noqa: E402
+from kdlab.engine.experiment import add_output_arguments, write_results  # noqa: E402
 from kdlab.engine.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from kdlab.models.base import weighted_total  # noqa: E402
 
@@ -162,10 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=REPO / "configs" / "shapes_gid_retinanet_student.yaml")
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--every", type=int, default=25)
-    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the config's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "gid_terms")
-    parser.add_argument("--publish", action="store_true", help="also write experiments/results/gid_terms.{json,md}")
+    add_output_arguments(parser, "gid_terms", REPO)
     return parser.parse_args(argv)
 
 

@@ -47,7 +47,7 @@ from kdlab.distill.vlr import vlr_weights  # noqa: E402
 from kdlab.engine.build import build_loader, build_student  # noqa: E402
 from kdlab.engine.checkpoint import load_detector  # noqa: E402
 from kdlab.engine.distributed import DistContext, resolve_device  # noqa: E402
-from kdlab.engine.experiment import write_results  # noqa: E402
+from kdlab.engine.experiment import add_output_arguments, write_results  # noqa: E402
 from kdlab.engine.loop import train  # noqa: E402
 
 TERMS = ("loss_ld", "loss_ld_vlr", "loss_kd")
@@ -142,10 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="measure the student alone after these iterations of its schedule (none: untrained only)")
     parser.add_argument("--checkpoints", type=Path, nargs="*", default=[], help="saved students (student.pt) to measure too")
     parser.add_argument("--batches", type=int, default=12, help="training batches measured per student")
-    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the config's)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "ld_calibration")
-    parser.add_argument("--publish", action="store_true", help="also write experiments/results/ld_calibration.{json,md}")
+    add_output_arguments(parser, "ld_calibration", REPO)
     return parser.parse_args(argv)
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -54,25 +53,12 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
     sys.path.insert(0, str(REPO))
 
 from kdlab.config import load_config  # noqa: E402
-from kdlab.data import build_dataset  # noqa: E402
 from kdlab.distill.ld import CALIBRATED_LD_WEIGHTS, PUBLISHED_LD_WEIGHTS  # noqa: E402
-from kdlab.engine.checkpoint import atomic_save_json  # noqa: E402
-from kdlab.engine.experiment import (  # noqa: E402
-    cached_teacher_cost_ratio,
-    comparison_lines,
-    compute_matched_config,
-    ensure_shapes,
-    make_config,
-    mean_std,
-    parse_seeds_for,
-    relative_to,
-    results_table,
-    run,
-    run_fields,
-    seeds_per_row,
-    teacher_metrics,
-    write_results,
-)
+from kdlab.engine.experiment import add_run_arguments, comparison_lines  # noqa: E402
+from kdlab.engine.experiment import ensure_shapes, ensure_teacher, parse_run_arguments, parse_seeds_for  # noqa: E402
+from kdlab.engine.experiment import parse_teacher_costs, relative_to, results_table, run_fields  # noqa: E402
+from kdlab.engine.experiment import run_groups, run_rows, seeds_per_row, student_alone_fields  # noqa: E402
+from kdlab.engine.experiment import mean_std  # noqa: E402, F401 (the tests read it here)
 
 SHARED_DATA = REPO.parent / "shared" / "data"
 CONFIGS, CHECKPOINTS = REPO / "configs", REPO / "data" / "checkpoints"
@@ -150,7 +136,7 @@ def row_fields(variant: str, seed: int, out: Path, teacher: Path) -> dict:
     _, distill, options = VARIANTS[variant]
     fields = {"seed": seed, "output_dir": str(out / variant / f"seed{seed}"), "teacher_config": None}
     if distill is None:
-        return {**fields, "distill": None, "distill_options": {}, "teacher_checkpoint": None}
+        return {**fields, **student_alone_fields()}
     if variant == "self_ld":  # the teacher: the student-alone model of the same seed
         teacher = out / "student" / f"seed{seed}" / "student.pt"
     return {**fields, "distill": distill, "distill_options": dict(options), "teacher_checkpoint": str(teacher)}
@@ -166,38 +152,18 @@ def learning_curve(run_dir: Path) -> dict[int, float]:
 
 def run_setting(name: str, variants: list[str], seeds: dict[str, list[int]], args: argparse.Namespace,
                 common: dict) -> dict:
-    """The teacher (trained first when needed), its measured cost, then every row for every seed."""
+    """The teacher (trained first when needed), its measured cost, then every row for every seed
+    (:func:`~kdlab.engine.experiment.run_rows`); the setting's part of results.json."""
     setting, out = SETTINGS[name], args.out / name
-    fields = {**setting.student_fields, **common}
-    checkpoint = setting.teacher_checkpoint
-    if checkpoint is None or not checkpoint.is_file():
-        print(f"[{name}] training the teacher ({setting.teacher_config.name})", flush=True)
-        run(make_config(setting.teacher_config, {**setting.teacher_fields, **common, "output_dir": str(out / "teacher"),
-                                                 "seed": 0}))
-        checkpoint = out / "teacher" / "student.pt"
-    base = make_config(setting.student_config, fields)
-    teacher = teacher_metrics(base, checkpoint, out / "teacher_eval.json")
-    ratio = None
-    if "compute_matched" in variants:
-        ratio = args.teacher_cost.get(name)
-        if ratio is None:
-            ratio = cached_teacher_cost_ratio(base, checkpoint, out / "teacher_cost.json")
-        print(f"[{name}] teacher forward / student step = {ratio:.2f}", flush=True)
-        train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size,
-                                  max_size=base.max_size)
-        iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
-    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
-    for seed in sorted({s for v in variants for s in seeds[v]}):
-        # self-LD reads the student-alone run of its seed: the student first
-        for variant in sorted((v for v in variants if seed in seeds[v]), key=lambda v: v != "student"):
-            cfg = make_config(setting.student_config, {**fields, **row_fields(variant, seed, out, checkpoint)})
-            if variant == "compute_matched":
-                cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
-            runs[variant][seed] = run(cfg)
-    curves = {str(seed): learning_curve(out / "student" / f"seed{seed}") for seed in runs.get("student", {})}
-    return {"title": setting.title, "teacher_checkpoint": relative_to(checkpoint, REPO), "teacher": teacher,
-            "teacher_cost_ratio": ratio, "runs": runs, "student_curves": curves,
-            "table": {v: {m: list(c) for m, c in mean_std(by_seed).items()} for v, by_seed in runs.items()}}
+    checkpoint = ensure_teacher(name, setting.teacher_checkpoint, setting.teacher_config,
+                                {**setting.teacher_fields, **common}, out / "teacher")
+    part = {"title": setting.title, "teacher_checkpoint": relative_to(checkpoint, REPO),
+            **run_rows(name, setting.student_config, {**setting.student_fields, **common}, variants, seeds,
+                       lambda variant, seed, base: row_fields(variant, seed, out, checkpoint), checkpoint, out,
+                       args.teacher_cost.get(name))}
+    part["student_curves"] = {str(seed): learning_curve(out / "student" / f"seed{seed}")
+                              for seed in part["runs"].get("student", {})}
+    return part
 
 
 def paired_difference(runs: dict[str, dict[int, dict[str, float]]], a: str, b: str) -> tuple[float, float | None, list[int]]:
@@ -252,17 +218,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seeds of a setting or of one setting's row, e.g. bccd=0 shapes/fitnet=0")
     parser.add_argument("--teacher-cost", nargs="+", default=[], metavar="SETTING=R", dest="teacher_cost_list",
                         help="use this teacher-forward / student-step ratio instead of measuring it, e.g. shapes=0.9")
-    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch, no BCCD")
-    parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
-    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the configs')")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    smoke = args.quick or args.max_iters is not None
+    add_run_arguments(parser, quick_help="smoke test: seed 0 only, 1 epoch, no BCCD")
+    args = parse_run_arguments(parser, argv, "ld_shapes", REPO)
     explicit_seeds, args.seeds = args.seeds is not None, args.seeds or [0, 1, 2]
-    if args.out is None:
-        args.out = REPO / "outputs" / ("ld_shapes_quick" if smoke else "ld_shapes")
     if args.settings is None:
         args.settings = [s for s in SETTINGS if SETTINGS[s].shapes or (SHARED_DATA / "bccd").is_dir() and not args.quick]
     keys = set(SETTINGS) | {f"{s}/{v}" for s, setting in SETTINGS.items() for v in setting.variants}
@@ -271,11 +229,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # the 5-seed rows by default; not when the seeds of everything or of their setting are given
         defaults = {} if explicit_seeds else {k: v for k, v in DEFAULT_SEEDS_FOR.items() if k.split("/")[0] not in given}
         args.seeds_for = {**defaults, **given}
-        args.teacher_cost = {k: float(v) for k, v in (item.split("=", 1) for item in args.teacher_cost_list)}
+        args.teacher_cost = parse_teacher_costs(args.teacher_cost_list, SETTINGS, "SETTING")
     except ValueError as err:
         parser.error(str(err))
-    if set(args.teacher_cost) - set(SETTINGS):
-        parser.error(f"--teacher-cost expects SETTING=R with SETTING one of {sorted(SETTINGS)}, got {args.teacher_cost_list}")
     for name in args.settings:
         setting = SETTINGS[name]
         for path in (setting.student_config, setting.teacher_config):
@@ -297,25 +253,18 @@ def row_seeds(name: str, variants: list[str], seeds: list[int], args: argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    seeds = [args.seeds[0]] if args.quick else args.seeds
     common = run_fields(args.device, args.quick, args.max_iters, args.num_workers)
     shapes_root = args.data_root or REPO / load_config(SETTINGS["shapes"].student_config).data_root
     if any(SETTINGS[s].shapes for s in args.settings):
         ensure_shapes(shapes_root)
-    smoke = args.quick or args.max_iters is not None
-    note = " — SMOKE TEST, not a result" if smoke else ""
-    results = {"seeds": seeds, "smoke_test": smoke, "variants": LABELS, "settings": {}}
-    sections = []
-    for name in args.settings:
-        variants = [v for v in SETTINGS[name].variants if v in args.variants]
-        chosen = row_seeds(name, variants, seeds, args)
-        print(f"[{name}] seeds {chosen} -> {args.out / name}", flush=True)
+
+    def run_group(name: str, variants: list[str], seeds: dict[str, list[int]]) -> dict:
         setting_common = {**common, "data_root": str(shapes_root)} if SETTINGS[name].shapes else common
-        results["settings"][name] = part = run_setting(name, variants, chosen, args, setting_common)
-        part["seeds"] = chosen
-        sections.append(markdown(name, part, note))
-        atomic_save_json(results, args.out / "results.json")
-    write_results(results, sections, "LD experiment", args.out, "ld_shapes", REPO, not smoke)
+        return run_setting(name, variants, seeds, args, setting_common)
+
+    run_groups(args, "settings", {s: [v for v in SETTINGS[s].variants if v in args.variants] for s in args.settings},
+               LABELS, run_group, markdown, "LD experiment", "ld_shapes", REPO,
+               row_seeds=lambda name, variants, seeds: row_seeds(name, variants, seeds, args))
     return 0
 
 

@@ -17,32 +17,7 @@ from kdlab.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = ("min_size: 64\nmax_size: 64\nbatch_size: 4\nnum_workers: 0\nbackbone: resnet18\nbackbone_width: 8\n"
-        "backbone_norm: gn\nfpn_channels: 16\nhead_convs: 1\nreg_max: 8\nbase_batch_size: 4\nepochs: 1\n"
-        "warmup_iters: 2\nlog_every: 1\ndevice: cpu\n")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
-def tiny_config(tiny_shapes, tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY + f"data_root: {tiny_shapes}\noutput_dir: {tmp_path / 'run'}\n")
-    return path
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("kdlab:")]
-    assert len(lines) == 1, err
-    return lines[0]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_data_shapes(tmp_path, capsys):
@@ -53,54 +28,54 @@ def test_data_shapes(tmp_path, capsys):
     assert len(train["images"]) == 3 and train["images"][0]["width"] == 64
 
 
-def test_data_shapes_bad_argument(tmp_path, capsys):
+def test_data_shapes_bad_argument(tmp_path, capsys, error_line):
     assert main(["data", "shapes", "--out", str(tmp_path / "s"), "--image-size", "8"]) == 2
-    assert "image_size must be >= 32" in error_line(capsys)
+    assert "image_size must be >= 32" in error_line()
 
 
-def test_missing_config(tmp_path, capsys):
+def test_missing_config(tmp_path, capsys, error_line):
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
-    assert error_line(capsys) == f"kdlab: error: config file {tmp_path / 'missing.yaml'} does not exist"
+    assert error_line() == f"kdlab: error: config file {tmp_path / 'missing.yaml'} does not exist"
 
 
-def test_unknown_key_in_file_and_in_override(tiny_config, capsys):
+def test_unknown_key_in_file_and_in_override(tiny_config, capsys, error_line):
     tiny_config.write_text(tiny_config.read_text() + "epochz: 3\n")
     assert main(["train", str(tiny_config)]) == 2
-    line = error_line(capsys)
+    line = error_line()
     assert str(tiny_config) in line and "'epochz'" in line and "did you mean epochs" in line
     assert main(["eval", str(tiny_config), "--checkpoint", "x.pt"]) == 2
-    assert "'epochz'" in error_line(capsys)
+    assert "'epochz'" in error_line()
 
 
-def test_bad_override(tiny_config, capsys):
+def test_bad_override(tiny_config, capsys, error_line):
     assert main(["train", str(tiny_config), "--set", "lr=fast"]) == 2
-    assert "lr must be float, got 'fast'" in error_line(capsys)
+    assert "lr must be float, got 'fast'" in error_line()
     assert main(["train", str(tiny_config), "--set", "lr"]) == 2
-    assert "must look like key=value" in error_line(capsys)
+    assert "must look like key=value" in error_line()
 
 
-def test_missing_data(tiny_config, tmp_path, capsys):
+def test_missing_data(tiny_config, tmp_path, capsys, error_line):
     assert main(["train", str(tiny_config), "--set", f"data_root={tmp_path / 'nowhere'}"]) == 2
-    assert f"dataset root {tmp_path / 'nowhere'} does not exist" in error_line(capsys)
+    assert f"dataset root {tmp_path / 'nowhere'} does not exist" in error_line()
 
 
-def test_resume_without_checkpoint(tiny_config, tmp_path, capsys):
+def test_resume_without_checkpoint(tiny_config, tmp_path, capsys, error_line):
     assert main(["train", str(tiny_config), "--resume", "--no-progress"]) == 2
-    assert "cannot resume" in error_line(capsys)
+    assert "cannot resume" in error_line()
 
 
-def test_eval_missing_checkpoint(tiny_config, tmp_path, capsys):
+def test_eval_missing_checkpoint(tiny_config, tmp_path, capsys, error_line):
     assert main(["eval", str(tiny_config), "--checkpoint", str(tmp_path / "student.pt")]) == 2
-    assert error_line(capsys) == f"kdlab: error: checkpoint {tmp_path / 'student.pt'} does not exist"
+    assert error_line() == f"kdlab: error: checkpoint {tmp_path / 'student.pt'} does not exist"
 
 
-def test_diverged_run_exits_1(tiny_config, monkeypatch, capsys):
+def test_diverged_run_exits_1(tiny_config, monkeypatch, capsys, error_line):
     def diverge(*args, where, **kwargs):
         raise FloatingPointError(f"non-finite loss at {where}: total=nan")
 
     monkeypatch.setattr(kdlab.engine.loop, "train_step", diverge)
     assert main(["train", str(tiny_config), "--no-progress"]) == 1
-    assert error_line(capsys) == "kdlab: training diverged: non-finite loss at iteration 1 (epoch 0, batch 0): total=nan"
+    assert error_line() == "kdlab: training diverged: non-finite loss at iteration 1 (epoch 0, batch 0): total=nan"
 
 
 def test_debug_env_keeps_the_traceback(tmp_path, monkeypatch):
@@ -307,7 +282,7 @@ def test_predict_writes_coco_json_and_drawn_images(untrained_student, tiny_shape
         assert Image.open(tmp_path / "out" / name).size == size
 
 
-def test_predict_with_a_trained_detector_gives_boxes_in_each_images_pixels(tiny_shapes, tmp_path, capsys):
+def test_predict_with_a_trained_detector_gives_boxes_in_each_images_pixels(tiny_shapes, tmp_path, capsys, error_line):
     from pycocotools.coco import COCO
 
     from PIL import Image
@@ -316,7 +291,7 @@ def test_predict_with_a_trained_detector_gives_boxes_in_each_images_pixels(tiny_
     Image.open(tiny_shapes / "val" / "000001.png").resize((256, 192)).save(tmp_path / "big.png")
     assert main(["predict", str(teacher), str(tmp_path / "big.png"), "--out", str(tmp_path / "out")]) == 2
     assert "pass min_size and max_size, the training config's values (kdlab predict: --min-size/--max-size)" \
-        in error_line(capsys)
+        in error_line()
     assert main(["predict", str(teacher), str(tmp_path / "big.png"), str(tiny_shapes / "val" / "000001.png"),
                  "--out", str(tmp_path / "out"), "--min-size", "128", "--max-size", "128"]) == 0
     coco = COCO(str(tmp_path / "out" / "detections.json"))
@@ -329,6 +304,6 @@ def test_predict_with_a_trained_detector_gives_boxes_in_each_images_pixels(tiny_
     assert max(a["bbox"][0] + a["bbox"][2] for a in coco.imgToAnns[1]) > 128
 
 
-def test_predict_missing_image_is_one_line(untrained_student, tmp_path, capsys):
+def test_predict_missing_image_is_one_line(untrained_student, tmp_path, capsys, error_line):
     assert main(["predict", str(untrained_student), str(tmp_path / "nope.jpg"), "--out", str(tmp_path / "o")]) == 2
-    assert error_line(capsys) == f"kdlab: error: image {tmp_path / 'nope.jpg'} does not exist"
+    assert error_line() == f"kdlab: error: image {tmp_path / 'nope.jpg'} does not exist"

@@ -30,16 +30,6 @@ def _tiny_gfl(seed=0, fpn_channels=16, num_classes=3):
                           fpn_channels=fpn_channels, head_convs=1)
 
 
-def _batch():
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    targets = [
-        {"boxes": torch.tensor([[8.0, 8.0, 40.0, 50.0], [30.0, 30.0, 60.0, 60.0]]), "labels": torch.tensor([0, 2]),
-         "size": torch.tensor([64, 64])},
-        {"boxes": torch.tensor([[4.0, 20.0, 28.0, 36.0]]), "labels": torch.tensor([1]), "size": torch.tensor([64, 64])},
-    ]
-    return images, targets
-
-
 def test_masked_feature_mse_by_hand():
     student = [torch.zeros(1, 2, 2, 2)]
     teacher = [torch.tensor([[[[1.0, 2.0], [0.0, 0.0]], [[3.0, 0.0], [0.0, 5.0]]]])]  # [1, C=2, 2, 2]
@@ -93,20 +83,20 @@ def test_slot_mask_to_locations_with_two_anchors_per_location():
 
 
 @pytest.mark.parametrize("name", ["fitnet", "inside_gt", "fine_grained", "gi_imitation", "cls_kd"])
-def test_baselines_zero_when_teacher_equals_student(name):
+def test_baselines_zero_when_teacher_equals_student(name, tiny_batch):
     student = _tiny_gfl(0)
     distiller = build_distillation(name, student, copy.deepcopy(student))
-    terms = distiller(*_batch())
+    terms = distiller(*tiny_batch())
     key = "loss_cls_kd" if name == "cls_kd" else "loss_imitation"
     assert set(distiller.distillers[name].weight_dict) == {key}
     assert terms[key].abs().item() < 1e-6
     # and positive against a different teacher (the region is not empty)
     other = build_distillation(name, _tiny_gfl(0), _tiny_gfl(1))
-    assert other(*_batch())[key].item() > 1e-6
+    assert other(*tiny_batch())[key].item() > 1e-6
 
 
-def test_imitation_regions_on_a_real_output():
-    images, targets = _batch()
+def test_imitation_regions_on_a_real_output(tiny_batch):
+    images, targets = tiny_batch()
     student, teacher = _tiny_gfl(0), _tiny_gfl(1)
     s_out = student(images, [(64, 64)] * 2, targets)
     with torch.no_grad():
@@ -128,7 +118,7 @@ def test_imitation_regions_on_a_real_output():
     assert all((m.flatten(1).sum(dim=1) <= 10).all() for m in gi) and gi[0].sum() > 0
 
 
-def test_adapter_when_widths_differ_and_only_student_parts_train():
+def test_adapter_when_widths_differ_and_only_student_parts_train(tiny_batch):
     student, teacher = _tiny_gfl(0, fpn_channels=16), _tiny_gfl(1, fpn_channels=24)
     fitnet = FitNet(student, teacher)
     distiller = DistillationTask(student, teacher, fitnet)
@@ -136,7 +126,7 @@ def test_adapter_when_widths_differ_and_only_student_parts_train():
     trainable = {id(p) for p in distiller.trainable_parameters()}
     assert id(fitnet.adapter.weight) in trainable and not trainable & {id(p) for p in teacher.parameters()}
     assert any(k.startswith("distillers.fitnet.adapter.") for k in distiller.trainable_state_dict())
-    terms = distiller(*_batch())
+    terms = distiller(*tiny_batch())
     terms["loss_imitation"].backward()
     assert fitnet.adapter.weight.grad.abs().sum() > 0 and student.backbone.fpn.layer_blocks[0][0].weight.grad is not None
     assert all(p.grad is None for p in teacher.parameters())
@@ -178,9 +168,9 @@ def test_classification_kd_by_hand_and_errors():
         ClassificationKD(student, teacher, region="negatives")
 
 
-def test_fine_grained_needs_anchors():
+def test_fine_grained_needs_anchors(tiny_batch):
     student, teacher = _tiny_gfl(0), _tiny_gfl(1)
-    images, targets = _batch()
+    images, targets = tiny_batch()
     s_out = student(images, [(64, 64)] * 2, targets)
     s_out.anchors = None
     with pytest.raises(ValueError, match="anchor"):

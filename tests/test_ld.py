@@ -457,40 +457,30 @@ def test_mismatch_errors(models):
 # ---------------------------------------------------------------- end to end on a tiny GFL
 
 
-def _batch():
-    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    targets = [
-        {"boxes": torch.tensor([[8.0, 8.0, 40.0, 50.0], [30.0, 30.0, 60.0, 60.0]]), "labels": torch.tensor([0, 2]),
-         "size": torch.tensor([64, 64])},
-        {"boxes": torch.tensor([[4.0, 20.0, 28.0, 36.0]]), "labels": torch.tensor([1]), "size": torch.tensor([64, 64])},
-    ]
-    return images, targets
-
-
-def test_self_ld_zero_when_student_equals_teacher():
+def test_self_ld_zero_when_student_equals_teacher(tiny_batch):
     student = _tiny_gfl(0)
     distiller = build_distillation("ld", student, copy.deepcopy(student), {"vlr_kd_weight": 1.0})
     assert isinstance(distiller.distillers["ld"], LD)
-    terms = distiller(*_batch())
+    terms = distiller(*tiny_batch())
     for name in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"):
         assert terms[name].abs().item() < 1e-6, name
-    official = distil(student, copy.deepcopy(student), variant="official")(*_batch())
+    official = distil(student, copy.deepcopy(student), variant="official")(*tiny_batch())
     assert all(official[k].abs().item() < 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd"))
     # the regions are not empty: a perturbed copy of the student (self-LD's teacher) gives positive terms
     teacher = copy.deepcopy(student)
     with torch.no_grad():
         teacher.head.gfl_reg.weight.add_(0.05 * torch.randn_like(teacher.head.gfl_reg.weight))
         teacher.head.gfl_cls.weight.add_(0.05 * torch.randn_like(teacher.head.gfl_cls.weight))
-    perturbed = distil(student, teacher, vlr_kd_weight=1.0)(*_batch())
+    perturbed = distil(student, teacher, vlr_kd_weight=1.0)(*tiny_batch())
     assert all(perturbed[k].item() > 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
 
 
-def test_no_gradient_reaches_the_teacher():
+def test_no_gradient_reaches_the_teacher(tiny_batch):
     student, teacher = _tiny_gfl(0), _tiny_gfl(1)
     distiller = distil(student, teacher)
     distiller.train()
     assert not teacher.training and student.training
-    terms = distiller(*_batch())
+    terms = distiller(*tiny_batch())
     assert terms["loss_ld"].item() > 0 and terms["loss_ld_vlr"].item() > 0 and terms["loss_kd"].item() > 0
     distill_total = sum(distiller.weight_dict[k] * terms[k] for k in ("loss_ld", "loss_ld_vlr", "loss_kd"))
     distill_total.backward()
@@ -500,11 +490,11 @@ def test_no_gradient_reaches_the_teacher():
     assert {id(p) for p in distiller.trainable_parameters()} == {id(p) for p in student.parameters()}
     # the teacher's output in the distiller's forward is computed without a graph
     with torch.no_grad():
-        t_out = teacher(_batch()[0], [(64, 64)] * 2)
+        t_out = teacher(tiny_batch()[0], [(64, 64)] * 2)
     assert not t_out.box_logits.requires_grad
 
 
-def test_released_recipe_is_official_ld_at_2_images_per_gpu_plus_fine_grained_imitation(tmp_path):
+def test_released_recipe_is_official_ld_at_2_images_per_gpu_plus_fine_grained_imitation(tmp_path, tiny_batch):
     student, teacher = _tiny_gfl(0), _tiny_gfl(1)
     task = build_distillation("ld_released", student, teacher)
     ld, imitation = task.distillers["ld"], task.distillers["fine_grained"]
@@ -512,7 +502,7 @@ def test_released_recipe_is_official_ld_at_2_images_per_gpu_plus_fine_grained_im
     assert (ld.vlr_rule, ld.vlr_weighting) == ("iof_diou", "iou")  # the released region and weighting
     assert ld.weight_dict == {"loss_ld": 0.25, "loss_ld_vlr": 0.25, "loss_kd": 10.0}  # the published weights
     assert isinstance(imitation, FineGrainedImitation) and imitation.weight_dict == {"loss_imitation": 2.0}
-    terms = task(*_batch())
+    terms = task(*tiny_batch())
     assert {"loss_ld", "loss_ld_vlr", "loss_kd", "loss_imitation"} <= set(terms)
     # a config overrides one method's option, keyed by the method's name; the rest stays the recipe's
     path = tmp_path / "recipe.yaml"
@@ -536,9 +526,9 @@ def _tiny_zoo(name, seed=0, **kw):
 
 
 @pytest.mark.parametrize("name", ["retinanet", "fcos"])
-def test_ld_on_distribution_retinanet_and_fcos(name):
+def test_ld_on_distribution_retinanet_and_fcos(name, tiny_batch):
     student, teacher = _tiny_zoo(name, 0, reg_max=8), _tiny_zoo(name, 1, reg_max=8)
-    images, targets = _batch()
+    images, targets = tiny_batch()
     s_out = student(images, [(64, 64)] * 2, targets)
     assert s_out.box_logits.shape[-1] == 4 * 9
     if name == "fcos":  # anchor-free: the VLR is the negatives inside a GT, weighted by the student's score
@@ -556,8 +546,8 @@ def test_ld_on_distribution_retinanet_and_fcos(name):
     assert all(same[k].abs().item() < 1e-6 for k in ("loss_ld", "loss_ld_vlr", "loss_kd", "loss_kd_vlr"))
 
 
-def test_ld_errors_across_detectors():
-    images, targets = _batch()
+def test_ld_errors_across_detectors(tiny_batch):
+    images, targets = tiny_batch()
     with pytest.raises(ValueError, match="slot layout"):  # 9 anchors per location vs 1
         distil(_tiny_gfl(0, reg_max=8), _tiny_zoo("retinanet", 1, reg_max=8))(images, targets)
     with pytest.raises(ValueError, match="edge-distribution box logits"):  # a plain (delta-regression) RetinaNet

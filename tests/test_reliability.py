@@ -9,6 +9,7 @@ split, degenerate validation boxes, a truncated image, Ctrl-C.
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -33,33 +34,14 @@ from kdlab.engine.rundir import LOCK_NAME, OutputDirNotEmpty, claim_output_dir
 from kdlab.eval import coco_metrics
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ("min_size: 64\nmax_size: 64\nbatch_size: 4\nnum_workers: 0\nbackbone: resnet18\nbackbone_width: 8\n"
-        "backbone_norm: gn\nfpn_channels: 16\nhead_convs: 1\nreg_max: 8\nbase_batch_size: 4\nepochs: 1\n"
-        "warmup_iters: 2\nlog_every: 1\ndevice: cpu\n")
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def tiny_config(tiny_shapes, tmp_path) -> Path:
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY + f"data_root: {tiny_shapes}\noutput_dir: {tmp_path / 'run'}\n")
-    return path
-
-
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("kdlab: error")]
-    assert len(lines) == 1, err
-    return lines[0]
+def error_line(error_line):
+    """Only the lines that start with ``kdlab: error`` count."""
+    return functools.partial(error_line, prefix="kdlab: error")
 
 
 def quiet_main(argv: list[str]) -> int:
@@ -127,15 +109,15 @@ def test_a_live_lock_names_its_holder_and_a_dead_one_is_taken_over(tmp_path, cap
 
 
 # ---------------------------------------------------------------- re-running a finished run
-def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_config, tmp_path, capsys):
+def test_a_finished_run_is_not_overwritten_without_overwrite(tiny_config, tmp_path, capsys, error_line):
     before = finished_run(tmp_path / "run")
     assert main(["train", str(tiny_config), "--no-progress"]) == 2
-    line = error_line(capsys)
+    line = error_line()
     assert line.startswith(f"kdlab: error: output_dir {tmp_path / 'run'} already holds a finished run (")
     assert "nothing was changed. Start over with --overwrite" in line
     assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before  # student.pt, logs, evals kept
     assert main(["train", str(tiny_config), "--resume", "--overwrite"]) == 2
-    assert "contradict" in error_line(capsys)
+    assert "contradict" in error_line()
 
 
 def test_overwrite_removes_the_previous_run_and_nothing_else(tmp_path, capsys):
@@ -166,11 +148,11 @@ def test_an_unfinished_run_points_to_resume(tmp_path):
      "kdlab: error: distill_options.main_ld_weight must be float | None, got 'abc' (str) for distill='ld'"),
     ("distill_options.vlr_exclude_positives=3", "kdlab: error: distill_options.vlr_exclude_positives must be bool"),
 ])
-def test_distill_option_typos_and_wrong_types_are_one_line(tiny_config, tmp_path, override, expected, capsys):
+def test_distill_option_typos_and_wrong_types_are_one_line(tiny_config, tmp_path, override, expected, capsys, error_line):
     argv = ["train", str(tiny_config), "--no-progress", "--set", "distill=ld",
             f"teacher_checkpoint={tmp_path / 'teacher.pt'}", override]
     assert main(argv) == 2
-    line = error_line(capsys)
+    line = error_line()
     assert line.startswith(expected), line
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before training
 
@@ -187,25 +169,25 @@ def test_distill_options_check_follows_options_into_the_base_class():
         check_distill_options(FineGrainedImitation, {"adapter": 3})
 
 
-def test_distill_options_without_distill_are_refused(tiny_config, capsys):
+def test_distill_options_without_distill_are_refused(tiny_config, capsys, error_line):
     assert main(["train", str(tiny_config), "--set", "distill_options.main_kd_weight=0"]) == 2
-    assert "are given but distill is null" in error_line(capsys)
+    assert "are given but distill is null" in error_line()
 
 
-def test_an_unsupported_teacher_is_one_line(tiny_config, tmp_path, capsys):
+def test_an_unsupported_teacher_is_one_line(tiny_config, tmp_path, capsys, error_line):
     # a Faster R-CNN teacher for LD (a dense, distribution-head method): one line naming both, exit 2
     shutil.copy(REPO / "data" / "checkpoints" / "shapes_faster_rcnn_teacher.pt", tmp_path / "teacher.pt")
     assert main(["train", str(tiny_config), "--no-progress", "--set", "distill=ld", "backbone_width=16",
                  f"teacher_checkpoint={tmp_path / 'teacher.pt'}"]) == 2
-    assert error_line(capsys) == ("kdlab: error: distill='ld': LD distils dense detectors; the teacher is a "
+    assert error_line() == ("kdlab: error: distill='ld': LD distils dense detectors; the teacher is a "
                                   "FasterRCNN (two-stage output)")
 
 
-def test_gid_with_a_teacher_of_another_family_is_one_line(tiny_config, tmp_path, capsys):
+def test_gid_with_a_teacher_of_another_family_is_one_line(tiny_config, tmp_path, capsys, error_line):
     shutil.copy(REPO / "data" / "checkpoints" / "shapes_faster_rcnn_teacher.pt", tmp_path / "teacher.pt")
     assert main(["train", str(tiny_config), "--no-progress", "--set", "distill=gid", "model=retinanet",
                  "reg_max=null", f"teacher_checkpoint={tmp_path / 'teacher.pt'}"]) == 2
-    assert "distill='gid': GID compares teacher and student slot by slot" in error_line(capsys)
+    assert "distill='gid': GID compares teacher and student slot by slot" in error_line()
 
 
 # ---------------------------------------------------------------- disk full while writing a checkpoint
@@ -220,7 +202,7 @@ def torch_disk_full_error() -> RuntimeError:
             return err
 
 
-def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(tiny_config, tmp_path, monkeypatch, capsys):
+def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(tiny_config, tmp_path, monkeypatch, capsys, error_line):
     real_save, calls = torch.save, []
 
     def save_until_the_disk_is_full(obj, f, *args, **kwargs):
@@ -233,7 +215,7 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_keeps_the_previous(tiny_c
     monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
     assert quiet_main(["train", str(tiny_config), "--no-progress", "--set", "checkpoint_every_iters=1"]) == 2
     last = tmp_path / "run" / "last.pt"
-    line = error_line(capsys)
+    line = error_line()
     # the free space is read when the error happens; other processes may have written since
     match = re.fullmatch(re.escape(f"kdlab: error: cannot write {last}: no space left on the device (disk full); ")
                          + r"([0-9.]+)" + re.escape(" MiB free on the device; the previous last.pt is intact and the "
@@ -301,15 +283,14 @@ def test_a_kill_during_a_save_leaves_a_temp_file_that_the_next_start_removes(tmp
 
 
 # ---------------------------------------------------------------- an all-empty training split
-def test_an_all_empty_training_split_is_an_error(tiny_shapes, tmp_path, capsys):
+def test_an_all_empty_training_split_is_an_error(tiny_shapes, tmp_path, write_tiny_config, capsys, error_line):
     root = tmp_path / "data"
     shutil.copytree(tiny_shapes, root)
     train_json = root / "annotations" / "instances_train.json"
     train_json.write_text(json.dumps({**json.loads(train_json.read_text()), "annotations": []}))
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY + f"data_root: {root}\noutput_dir: {tmp_path / 'run'}\n")
+    config = write_tiny_config(root)
     assert main(["train", str(config), "--no-progress"]) == 2
-    assert error_line(capsys) == (f"kdlab: error: training split 'train' ({train_json}) has 16 images but no box to "
+    assert error_line() == (f"kdlab: error: training split 'train' ({train_json}) has 16 images but no box to "
                                   f"learn from (no annotations, or all crowd or dropped as degenerate); "
                                   f"`kdlab check-data CONFIG` shows the counts")
 
@@ -339,12 +320,11 @@ def truncate(path: Path, keep: float = 0.6) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def test_a_truncated_image_is_found_before_training_and_can_be_skipped(tiny_shapes, tmp_path, capsys):
+def test_a_truncated_image_is_found_before_training_and_can_be_skipped(tiny_shapes, tmp_path, write_tiny_config, capsys, error_line):
     root = tmp_path / "data"
     shutil.copytree(tiny_shapes, root)
     truncate(root / "train" / "000003.png")
-    config = tmp_path / "tiny.yaml"
-    config.write_text(TINY + f"data_root: {root}\noutput_dir: {tmp_path / 'run'}\n")
+    config = write_tiny_config(root)
 
     assert main(["check-data", str(config)]) == 2
     captured = capsys.readouterr()
@@ -352,7 +332,7 @@ def test_a_truncated_image_is_found_before_training_and_can_be_skipped(tiny_shap
     assert "classes, from the file's 'categories': disc (id 1), square (id 2)" in captured.out
 
     assert main(["train", str(config), "--no-progress"]) == 2
-    line = error_line(capsys)
+    line = error_line()
     assert line.startswith("kdlab: error: 1 of 16 images of split 'train' cannot be used: "
                            f"{root / 'train' / '000003.png'} (image id 3): cannot be decoded")
     assert line.endswith("or pass --skip-bad-images to leave them out")

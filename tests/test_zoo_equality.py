@@ -26,13 +26,7 @@ from kdlab.models.common import predict_raw_images, torchvision_preprocess
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 RAW_SIZE = dict(min_size=96, max_size=160)  # the second image is resized by torchvision's transform

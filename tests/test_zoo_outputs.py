@@ -15,12 +15,7 @@ from kdlab.models.fpn_backbones import build_fpn_backbone
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cls, levels="p3p7", **options):

@@ -126,14 +126,10 @@ class LD(DistillCriterion):
         student: Detector,
         teacher: Detector,
         *,
-        main_ld_weight: float | None = None,
-        main_ld_temperature: float = 10.0,
-        vlr_ld_weight: float | None = None,
-        vlr_ld_temperature: float = 10.0,
-        main_kd_weight: float = 10.0,
-        main_kd_temperature: float = 2.0,
-        vlr_kd_weight: float = 0.0,
-        vlr_kd_temperature: float = 2.0,
+        main_ld_weight: float | None = None, main_ld_temperature: float = 10.0,
+        vlr_ld_weight: float | None = None, vlr_ld_temperature: float = 10.0,
+        main_kd_weight: float = 10.0, main_kd_temperature: float = 2.0,
+        vlr_kd_weight: float = 0.0, vlr_kd_temperature: float = 2.0,
         vlr_alpha: float = 0.25,
         vlr_weighting: str | None = None,
         vlr_rule: str | None = None,
@@ -204,49 +200,42 @@ class LD(DistillCriterion):
         ld_maps: dict[float, Tensor] = {}
         kd_maps: dict[float, Tensor] = {}
 
-        def ld_map(temperature: float) -> Tensor:  # LD averaged over the 4 edges, [B, N]
+        def ld_term(name: str, weight: Tensor, official_divisor: float) -> Tensor:
+            """LD averaged over the 4 edges ([B, N] map), weighted by ``weight`` [B, N]."""
+            temperature = self.temperatures[name]
             if temperature not in ld_maps:
                 s_box, t_box = student_out.box_logits, teacher_out.box_logits
                 ld_maps[temperature] = edge_ld(s_box.flatten(0, 1), t_box.flatten(0, 1), reg_max, temperature).view(s_box.shape[:2])
-            return ld_maps[temperature]
+            if official:  # sum_i w_i sum_e LD_i,e / 4 (main), / 16 (VLR)
+                return (4 * ld_maps[temperature] * weight).sum() / official_divisor * chunk_scale
+            return weighted_mean(ld_maps[temperature], weight)
 
-        def kd_map(temperature: float) -> Tensor:  # class KD, [B, N]
+        def kd_term(name: str, weight: Tensor) -> Tensor:
+            """Class KD ([B, N] map), weighted by ``weight`` [B, N]; official: per-level means over ``weight > 0``."""
+            temperature = self.temperatures[name]
             if temperature not in kd_maps:
                 kd_maps[temperature] = ld_kl_div(student_out.cls_logits, teacher_out.cls_logits, temperature)
-            return kd_maps[temperature]
+            if official:
+                region = weight > 0
+                return per_level_mean_sum(kd_maps[temperature][region], student_out.levels.expand_as(region)[region],
+                                          num_levels)
+            return weighted_mean(kd_maps[temperature], weight)
 
         pos_mask = student_out.assignment.pos_mask  # [B, N]
         if "loss_ld" in enabled:
             # location weight: the student's max class score, detached (the weight GFL uses for DFL)
             score = student_out.cls_logits.detach().float().sigmoid().max(dim=-1).values  # [B, N]
-            weight = torch.where(pos_mask, score, torch.zeros_like(score))
-            ld = ld_map(self.temperatures["loss_ld"])
-            if official:  # sum_i w_i sum_e LD_i,e / 4
-                terms["loss_ld"] = (4 * ld * weight).sum() / OFFICIAL_MAIN_LD_DIVISOR * chunk_scale
-            else:
-                terms["loss_ld"] = weighted_mean(ld, weight)
+            terms["loss_ld"] = ld_term("loss_ld", torch.where(pos_mask, score, torch.zeros_like(score)),
+                                       OFFICIAL_MAIN_LD_DIVISOR)
         if "loss_kd" in enabled:
-            kd = kd_map(self.temperatures["loss_kd"])
-            if official:
-                terms["loss_kd"] = per_level_mean_sum(kd[pos_mask], student_out.levels.expand_as(pos_mask)[pos_mask], num_levels)
-            else:
-                terms["loss_kd"] = weighted_mean(kd, pos_mask.float())
+            terms["loss_kd"] = kd_term("loss_kd", pos_mask.float())
 
         if "loss_ld_vlr" in enabled or "loss_kd_vlr" in enabled:
             region_weight = vlr_weights(student_out, self.vlr_alpha, self.vlr_weighting, self.atss_topk, self.vlr_rule)  # [B, N]
             if self.vlr_exclude_positives:
                 region_weight = region_weight * (~pos_mask).float()
             if "loss_ld_vlr" in enabled:
-                ld = ld_map(self.temperatures["loss_ld_vlr"])
-                if official:  # sum_i v_i sum_e LD_i,e / 16
-                    terms["loss_ld_vlr"] = (4 * ld * region_weight).sum() / OFFICIAL_VLR_LD_DIVISOR * chunk_scale
-                else:
-                    terms["loss_ld_vlr"] = weighted_mean(ld, region_weight)
+                terms["loss_ld_vlr"] = ld_term("loss_ld_vlr", region_weight, OFFICIAL_VLR_LD_DIVISOR)
             if "loss_kd_vlr" in enabled:
-                kd = kd_map(self.temperatures["loss_kd_vlr"])
-                if official:
-                    region = region_weight > 0
-                    terms["loss_kd_vlr"] = per_level_mean_sum(kd[region], student_out.levels.expand_as(region)[region], num_levels)
-                else:
-                    terms["loss_kd_vlr"] = weighted_mean(kd, region_weight)
+                terms["loss_kd_vlr"] = kd_term("loss_kd_vlr", region_weight)
         return terms

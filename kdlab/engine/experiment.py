@@ -6,6 +6,11 @@ resumes), reports mean ± sample std over seeds (:func:`mean_std`, the bare valu
 on a real run publishes ``experiments/results/<name>.{json,md}`` (:func:`publish`), which the
 notebooks read.
 
+A script names its rows (config fields per row) and its groups (families, settings); the rest is here:
+:func:`run_groups` (the main loop: seeds per row, ``results.json`` after each group, the tables),
+:func:`run_rows` (one student/teacher pair: the teacher's metrics and cost, every row for each seed),
+:func:`ensure_teacher`, and the shared arguments (:func:`add_run_arguments`, :func:`parse_run_arguments`).
+
 **Compute-matched baseline.** A distilled step also runs the teacher's forward. The question a
 practitioner asks first is whether that compute would do better spent on the student itself:
 :func:`teacher_cost_ratio` measures ``r = t(teacher forward) / t(student step)`` on real batches,
@@ -15,11 +20,13 @@ with its epochs and lr steps stretched by the same factor.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -162,6 +169,67 @@ def compute_matched_config(cfg: TrainConfig, ratio: float, iters_per_epoch: int)
         epochs=math.ceil(total / iters_per_epoch), lr_steps=[round(factor * s) for s in cfg.lr_steps])
 
 
+def ensure_teacher(label: str, checkpoint: Path | None, teacher_config: Path, fields: dict, out: Path) -> Path:
+    """``checkpoint`` when it exists, else the teacher trained first (:func:`run`, seed 0) from
+    ``teacher_config`` with ``fields`` into ``out``: its exported ``out/student.pt``."""
+    if checkpoint is not None and checkpoint.is_file():
+        return checkpoint
+    print(f"[{label}] training the teacher ({teacher_config.name})", flush=True)
+    run(make_config(teacher_config, {**fields, "output_dir": str(out), "seed": 0}))
+    return out / "student.pt"
+
+
+def run_rows(label: str, student_config: Path, fields: dict, variants: list[str], seeds: dict[str, list[int]],
+             row_fields: Callable[[str, int, TrainConfig], dict], checkpoint: Path, out: Path,
+             teacher_cost: float | None = None) -> dict:
+    """One student/teacher pair of an experiment: the teacher's metrics, its cost (when a ``compute_matched``
+    row runs), then every row for each of its seeds.
+
+    Args:
+        label: the pair's name in the printed lines.
+        student_config, fields: every run's config: the YAML with ``fields`` replaced, then the seed, the
+            output folder ``out/<row>/seed<s>`` and ``row_fields(row, seed, base)`` (``base``: the config
+            before any row, e.g. to read its ``distill_options``).
+        variants, seeds: the rows, and each row's seeds; at each seed the student alone runs first (a
+            self-distilled row reads it).
+        checkpoint: the teacher (exported ``student.pt``).
+        out: the pair's folder (``teacher_eval.json``, ``teacher_cost.json`` and the runs).
+        teacher_cost: the teacher-forward / student-step ratio; None: measured once and cached
+            (:func:`cached_teacher_cost_ratio`). The ``compute_matched`` row trains ``1 + ratio`` as long.
+
+    Returns:
+        ``{"teacher": metrics, "teacher_cost_ratio": ratio or None, "runs": {row: {seed: metrics}},
+        "table": {row: {metric: [mean, std]}}}`` (:func:`mean_std`).
+    """
+    from kdlab.data import build_dataset
+
+    base = make_config(student_config, fields)
+    teacher = teacher_metrics(base, checkpoint, out / "teacher_eval.json")
+    ratio = iters_per_epoch = None
+    if "compute_matched" in variants:
+        ratio = teacher_cost if teacher_cost is not None else cached_teacher_cost_ratio(
+            base, checkpoint, out / "teacher_cost.json")
+        print(f"[{label}] teacher forward / student step = {ratio:.2f}", flush=True)
+        train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size,
+                                  max_size=base.max_size)
+        iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
+    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
+    for seed in sorted({s for v in variants for s in seeds[v]}):
+        for variant in sorted((v for v in variants if seed in seeds[v]), key=lambda v: v != "student"):
+            cfg = make_config(student_config, {**fields, "seed": seed, "output_dir": str(out / variant / f"seed{seed}"),
+                                               **row_fields(variant, seed, base)})
+            if variant == "compute_matched":
+                cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
+            runs[variant][seed] = run(cfg)
+    return {"teacher": teacher, "teacher_cost_ratio": ratio, "runs": runs,
+            "table": {v: {m: list(c) for m, c in mean_std(by_seed).items()} for v, by_seed in runs.items()}}
+
+
+def student_alone_fields() -> dict:
+    """The config fields of a run of the student alone (nothing distilled, no teacher)."""
+    return {"distill": None, "distill_options": {}, "teacher_checkpoint": None, "teacher_config": None}
+
+
 def mean_std(runs: dict[int, dict[str, float]], metrics: tuple[str, ...] = METRICS) -> dict[str, tuple[float, float | None]]:
     """``{metric: (mean, sample std)}`` in % over the seeds; the std is None for one seed (no spread
     was measured, so none is claimed). An undefined metric (``None``) stays ``None``."""
@@ -210,6 +278,22 @@ def seeds_per_row(key: str, variants: list[str], seeds: list[int], seeds_for: di
     return {v: seeds_for.get(f"{key}/{v}", key_seeds) for v in variants}
 
 
+def parse_teacher_costs(items: list[str], names, kind: str) -> dict[str, float]:
+    """``["NAME=R", ...]`` (a script's ``--teacher-cost``) -> ``{NAME: R}``.
+
+    Raises:
+        ValueError: an item that is not ``NAME=R`` with NAME one of ``names`` (a ``kind``: FAMILY, SETTING)
+            and R a number.
+    """
+    costs = {}
+    for item in items:
+        name, _, ratio = item.partition("=")
+        if name not in names:
+            raise ValueError(f"--teacher-cost expects {kind}=R with {kind} one of {sorted(names)}, got {items}")
+        costs[name] = float(ratio)
+    return costs
+
+
 def ensure_shapes(root: Path) -> None:
     """Generate the default shapes set into ``root`` unless it is there."""
     from kdlab.data import make_shapes
@@ -234,6 +318,12 @@ def write_results(results: dict, sections: list[str], title: str, out: Path, nam
     return text
 
 
+def shapes_run_fields(args: argparse.Namespace, data_root: Path) -> dict:
+    """:func:`run_fields` of a script's ``args`` on the shapes set at ``data_root`` (generated first when absent)."""
+    ensure_shapes(data_root)
+    return {**run_fields(args.device, args.quick, args.max_iters, args.num_workers), "data_root": str(data_root)}
+
+
 def run_fields(device: str, quick: bool, max_iters: int | None, num_workers: int | None) -> dict:
     """Config fields shared by every run of a script: the device; ``quick`` (a smoke test): one epoch,
     no lr steps, evaluation at the end only; ``max_iters`` and ``num_workers`` when given."""
@@ -245,6 +335,64 @@ def run_fields(device: str, quick: bool, max_iters: int | None, num_workers: int
     if num_workers is not None:
         fields["num_workers"] = num_workers
     return fields
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, quick_help: str = "smoke test: seed 0 only, 1 epoch",
+                      data_root: bool = True) -> None:
+    """The arguments every training experiment takes (after its own): ``--quick``, ``--max-iters``,
+    ``--data-root`` (with ``data_root``), ``--device``, ``--num-workers``, ``--out``."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
+    if data_root:
+        parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the configs')")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+
+
+def parse_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, name: str, repo: Path) -> argparse.Namespace:
+    """``parser``'s arguments, with ``smoke`` (``--quick`` or ``--max-iters``: a smoke test, not a result)
+    and ``--out`` by default ``outputs/<name>`` (``outputs/<name>_quick`` for a smoke test)."""
+    args = parser.parse_args(argv)
+    args.smoke = args.quick or args.max_iters is not None
+    if args.out is None:
+        args.out = repo / "outputs" / (f"{name}_quick" if args.smoke else name)
+    return args
+
+
+def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]], labels: dict[str, str],
+               run_group: Callable[[str, list[str], dict[str, list[int]]], dict],
+               markdown: Callable[[str, dict, str], str], title: str, name: str, repo: Path,
+               row_seeds: Callable[[str, list[str], list[int]], dict[str, list[int]]] | None = None) -> dict:
+    """An experiment's main loop: for each group (a family, a setting) and its rows, the rows' seeds
+    (``row_seeds``, by default :func:`seeds_per_row` of ``args.seeds_for``), ``run_group(group, rows, seeds)``
+    (its part of the results, ``results[key][group]``) and ``markdown(group, part, note)``; ``results.json``
+    after each group, then :func:`write_results` (published on a real run, not on a smoke test)."""
+    seeds = [args.seeds[0]] if args.quick else args.seeds
+    note = " — SMOKE TEST, not a result" if args.smoke else ""
+    results = {"seeds": seeds, "smoke_test": args.smoke, "variants": labels, key: {}}
+    sections = []
+    for group, variants in groups.items():
+        if row_seeds is None:
+            chosen = seeds_per_row(group, variants, seeds, args.seeds_for, args.quick)
+        else:
+            chosen = row_seeds(group, variants, seeds)
+        print(f"[{group}] seeds {chosen} -> {args.out / group}", flush=True)
+        results[key][group] = part = run_group(group, variants, chosen)
+        part["seeds"] = chosen
+        sections.append(markdown(group, part, note))
+        atomic_save_json(results, args.out / "results.json")
+    write_results(results, sections, title, args.out, name, repo, not args.smoke)
+    return results
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, name: str, repo: Path) -> None:
+    """The last arguments of a measurement script: ``--data-root``, ``--device`` (cpu), ``--out``
+    (``outputs/<name>``) and ``--publish`` (also ``experiments/results/<name>.{json,md}``)."""
+    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the config's)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", type=Path, default=repo / "outputs" / name)
+    parser.add_argument("--publish", action="store_true", help=f"also write experiments/results/{name}.{{json,md}}")
 
 
 def results_table(title: str, teacher: dict[str, float] | None, runs: dict[str, dict[int, dict[str, float]]],
@@ -265,9 +413,11 @@ def results_table(title: str, teacher: dict[str, float] | None, runs: dict[str, 
 
 
 def comparison_lines(runs: dict[str, dict[int, dict[str, float]]], labels: dict[str, str], distilled: list[str],
-                     baseline: str = "student", matched: str = "compute_matched") -> list[str]:
-    """One line per distilled variant: its mean AP against the student alone and, when that row exists,
-    against the compute-matched student, saying plainly whether it beats it.
+                     baseline: str = "student", matched: str = "compute_matched",
+                     notes: dict[str, str] | None = None) -> list[str]:
+    """One line per distilled variant: its mean AP against the student alone (followed by ``notes[variant]``
+    when given) and, when that row exists, against the compute-matched student, saying plainly whether it
+    beats it.
 
     Means are over each row's own seeds; the seeds both rows share are named when they differ.
     """
@@ -279,6 +429,7 @@ def comparison_lines(runs: dict[str, dict[int, dict[str, float]]], labels: dict[
         if variant not in runs or baseline not in runs:
             continue
         text = f"- {labels[variant]}: {mean_ap(variant) - mean_ap(baseline):+.1f} AP over the student alone"
+        text += (notes or {}).get(variant, "")
         if matched in runs:
             versus = mean_ap(variant) - mean_ap(matched)
             text += f", {versus:+.1f} over the compute-matched student ({'beats it' if versus > 0 else 'does NOT beat it'})"

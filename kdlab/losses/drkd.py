@@ -131,13 +131,7 @@ def instance_feature_loss(student_features: list[Tensor], teacher_features: list
     - ``"squared"``: ``L_feat^l = 1 / (Σ_i K_i C S²) Σ_i ||P_s,i − P_t,i||²_F``
     - ``"frobenius"`` (released ``kd_fore_loss``): ``L_feat^l = Σ_i ||P_s,i − P_t,i||_F``
 
-    Args:
-        student_features: per image ``[K_i, C, S, S]`` adapted student RoI features.
-        teacher_features: per image ``[K_i, C, S, S]`` teacher RoI features.
-        distance: ``"relative"``, ``"squared"`` or ``"frobenius"``.
-        num_entries: the normaliser (default: computed from the tensors, see :func:`per_image_distance`).
-
-    Returns:
-        scalar; 0 with a gradient when no image has an instance.
+    Arguments and result as :func:`instance_relation_loss`, with per image ``[K_i, C, S, S]`` adapted
+    student and teacher RoI features in place of the relation outputs.
     """
     return per_image_distance(student_features, teacher_features, distance, num_entries, "instance features")

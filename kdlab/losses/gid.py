@@ -159,13 +159,8 @@ def response_cls_loss(student_logits: Tensor, teacher_logits: Tensor, num_output
         teacher_logits: ``[M, C]`` teacher logits of the same slots.
         num_outputs: ``M`` to divide by (default: ``student_logits.shape[0]``, at least 1).
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"response logits differ in shape: student {tuple(student_logits.shape)}, "
-                         f"teacher {tuple(teacher_logits.shape)}")
-    if num_outputs is None:
-        num_outputs = student_logits.shape[0]
-    loss = F.binary_cross_entropy_with_logits(student_logits.float(), teacher_logits.float().sigmoid(), reduction="sum")
-    return loss / torch.as_tensor(num_outputs).clamp(min=1)
+    return _mean_over_outputs(lambda s, t: F.binary_cross_entropy_with_logits(s, t.sigmoid(), reduction="sum"),
+                              student_logits, teacher_logits, num_outputs, "logits")
 
 
 def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_outputs: Tensor | float | None = None) -> Tensor:
@@ -179,13 +174,17 @@ def response_reg_loss(student_deltas: Tensor, teacher_deltas: Tensor, num_output
         teacher_deltas: ``[M, 4]`` teacher box outputs of the same slots.
         num_outputs: ``M`` to divide by (default: ``student_deltas.shape[0]``, at least 1).
     """
-    if student_deltas.shape != teacher_deltas.shape:
-        raise ValueError(f"response box outputs differ in shape: student {tuple(student_deltas.shape)}, "
-                         f"teacher {tuple(teacher_deltas.shape)}")
+    return _mean_over_outputs(lambda s, t: F.l1_loss(s, t, reduction="sum"), student_deltas, teacher_deltas,
+                              num_outputs, "box outputs")
+
+
+def _mean_over_outputs(loss_sum, student: Tensor, teacher: Tensor, num_outputs: Tensor | float | None, what: str) -> Tensor:
+    """``loss_sum(student, teacher) / max(1, M)`` in float32, ``M = num_outputs`` or ``student.shape[0]``."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"response {what} differ in shape: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
     if num_outputs is None:
-        num_outputs = student_deltas.shape[0]
-    loss = F.l1_loss(student_deltas.float(), teacher_deltas.float(), reduction="sum")
-    return loss / torch.as_tensor(num_outputs).clamp(min=1)
+        num_outputs = student.shape[0]
+    return loss_sum(student.float(), teacher.float()) / torch.as_tensor(num_outputs).clamp(min=1)
 
 
 def response_mask(anchors: Tensor | None, points: Tensor, gi_boxes: list[Tensor], rule: str,

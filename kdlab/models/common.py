@@ -106,6 +106,10 @@ class SlotLayout:
     levels: Tensor
     num_per_level: list[int]
 
+    def output_fields(self) -> dict:
+        """The layout as keyword arguments of a :class:`~kdlab.models.outputs.DenseOutput`."""
+        return {"points": self.points, "strides": self.strides, "levels": self.levels, "num_per_level": self.num_per_level}
+
 
 def slot_layout(anchors: Tensor, features: list[Tensor], strides: tuple[int, ...], anchors_per_location: int) -> SlotLayout:
     """Describe the slots of a dense head whose ``[N, 4]`` anchors came from :func:`batch_anchors`.
@@ -125,6 +129,14 @@ def slot_layout(anchors: Tensor, features: list[Tensor], strides: tuple[int, ...
     # torchvision's anchors are centred on their location (symmetric, rounded half-sizes)
     points = (anchors[:, :2] + anchors[:, 2:]) / 2
     return SlotLayout(points=points, strides=stride_values, levels=levels, num_per_level=num_per_level)
+
+
+def postprocess_torchvision_dense(model, output, scores: Tensor) -> list[dict[str, Tensor]]:
+    """:func:`postprocess_dense` of ``scores`` ``[B, N, C]`` and a :class:`~kdlab.models.outputs.DenseOutput`'s
+    boxes with a torchvision dense detector's own settings (``score_thresh``, ``topk_candidates``,
+    ``nms_thresh``, ``detections_per_img``)."""
+    return postprocess_dense(scores, output.pred_boxes, output.num_per_level, output.image_sizes, model.score_thresh,
+                             model.topk_candidates, model.nms_thresh, model.detections_per_img)
 
 
 def postprocess_dense(

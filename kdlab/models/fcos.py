@@ -29,16 +29,11 @@ from kdlab.models.common import (
     batch_anchors,
     check_batch,
     normalise_image_sizes,
-    postprocess_dense,
+    postprocess_torchvision_dense,
     slot_layout,
 )
 from kdlab.models.outputs import DenseAssignment, DenseOutput
-from kdlab.models.retinanet import (
-    _check_columns,
-    _take_conv_outputs,
-    gather_matched_gt_boxes,
-    require_assignment,
-)
+from kdlab.models.retinanet import gather_matched_gt_boxes, require_assignment, restrict_class_outputs_
 from kdlab.utils.dist import reduce_normalizer
 
 
@@ -86,22 +81,12 @@ class FCOS(tv_fcos.FCOS, Detector):
         anchor_boxes = batch_anchors(self.anchor_generator, images, features)  # [N, 4], side = stride
         layout = slot_layout(anchor_boxes, features, self.strides, 1)
         return DenseOutput(
-            features=features,
-            cls_logits=cls_logits,
-            box_regression=box_regression,
+            features=features, cls_logits=cls_logits, box_regression=box_regression,
             pred_boxes=self.box_coder.decode(box_regression, anchor_boxes),  # broadcast over the batch
-            points=layout.points,
-            anchors=None,
-            strides=layout.strides,
-            levels=layout.levels,
-            num_per_level=layout.num_per_level,
-            image_sizes=normalise_image_sizes(image_sizes),
-            box_logits=box_logits,
-            centerness=centerness,
+            anchors=None, **layout.output_fields(), image_sizes=normalise_image_sizes(image_sizes),
+            box_logits=box_logits, centerness=centerness,
             assignment=self.assign(anchor_boxes, layout.num_per_level, targets) if targets is not None else None,
-            extras={"anchor_boxes": anchor_boxes},
-            assign_rule=("center", 0.0),
-            source=type(self).__name__,
+            extras={"anchor_boxes": anchor_boxes}, assign_rule=("center", 0.0), source=type(self).__name__,
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -155,16 +140,7 @@ class FCOS(tv_fcos.FCOS, Detector):
     def postprocess(self, output: DenseOutput) -> list[dict[str, Tensor]]:
         """Torchvision's post-processing with score ``sqrt(sigma(cls) * sigma(centerness))``."""
         scores = torch.sqrt(torch.sigmoid(output.cls_logits) * torch.sigmoid(output.centerness)[..., None])
-        return postprocess_dense(
-            scores,
-            output.pred_boxes,
-            output.num_per_level,
-            output.image_sizes,
-            self.score_thresh,
-            self.topk_candidates,
-            self.nms_thresh,
-            self.detections_per_img,
-        )
+        return postprocess_torchvision_dense(self, output, scores)
 
     def build_criterion(self) -> "FCOSCriterion":
         return FCOSCriterion(self.num_classes)
@@ -172,13 +148,7 @@ class FCOS(tv_fcos.FCOS, Detector):
     @torch.no_grad()
     def restrict_classes_(self, columns: Tensor) -> "FCOS":
         """Keep only the class outputs ``columns`` (in place); see :meth:`RetinaNet.restrict_classes_`."""
-        head = self.head.classification_head
-        columns = _check_columns(columns, head.num_classes)
-        head.cls_logits = _take_conv_outputs(head.cls_logits, columns)
-        head.num_classes = self.num_classes = len(columns)
-        if self.class_names is not None:
-            self.class_names = [self.class_names[c] for c in columns.tolist()]
-        return self
+        return restrict_class_outputs_(self, columns)
 
 
 class FCOSCriterion(Criterion):

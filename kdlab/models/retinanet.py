@@ -31,7 +31,7 @@ from kdlab.models.common import (
     batch_anchors,
     check_batch,
     normalise_image_sizes,
-    postprocess_dense,
+    postprocess_torchvision_dense,
     slot_layout,
 )
 from kdlab.models.outputs import DenseAssignment, DenseOutput
@@ -101,20 +101,11 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
         anchors = batch_anchors(self.anchor_generator, images, features)  # [N, 4]
         layout = slot_layout(anchors, features, self.strides, self.anchors_per_location)
         return DenseOutput(
-            features=features,
-            cls_logits=cls_logits,
-            box_regression=box_regression,
-            pred_boxes=self.decode_boxes(box_regression, anchors, layout),
-            points=layout.points,
-            anchors=anchors,
-            strides=layout.strides,
-            levels=layout.levels,
-            num_per_level=layout.num_per_level,
-            image_sizes=normalise_image_sizes(image_sizes),
-            box_logits=box_logits,
+            features=features, cls_logits=cls_logits, box_regression=box_regression,
+            pred_boxes=self.decode_boxes(box_regression, anchors, layout), anchors=anchors, **layout.output_fields(),
+            image_sizes=normalise_image_sizes(image_sizes), box_logits=box_logits,
             assignment=self.assign(anchors, targets) if targets is not None else None,
-            assign_rule=("anchor_iou", float(self.proposal_matcher.high_threshold)),
-            source=type(self).__name__,
+            assign_rule=("anchor_iou", float(self.proposal_matcher.high_threshold)), source=type(self).__name__,
         )
 
     def run_head(self, features: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -163,16 +154,7 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
         Returns:
             per image ``boxes`` ``[K, 4]`` (input pixels), ``scores`` ``[K]``, ``labels`` ``[K]``.
         """
-        return postprocess_dense(
-            output.cls_logits.sigmoid(),
-            output.pred_boxes,
-            output.num_per_level,
-            output.image_sizes,
-            self.score_thresh,
-            self.topk_candidates,
-            self.nms_thresh,
-            self.detections_per_img,
-        )
+        return postprocess_torchvision_dense(self, output, output.cls_logits.sigmoid())
 
     def build_criterion(self) -> "RetinaNetCriterion":
         return RetinaNetCriterion(self.num_classes, box_loss=self.box_loss, box_coder_weights=self.box_coder.weights)
@@ -183,14 +165,7 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
 
         Typical use: a COCO-trained teacher for a dataset, ``columns = coco91_columns(...)``.
         """
-        head = self.head.classification_head
-        columns = _check_columns(columns, head.num_classes)
-        rows = (torch.arange(head.num_anchors)[:, None] * head.num_classes + columns[None, :]).flatten()
-        head.cls_logits = _take_conv_outputs(head.cls_logits, rows)
-        head.num_classes = self.num_classes = len(columns)
-        if self.class_names is not None:
-            self.class_names = [self.class_names[c] for c in columns.tolist()]
-        return self
+        return restrict_class_outputs_(self, columns, self.head.classification_head.num_anchors)
 
 
 class RetinaNetCriterion(Criterion):
@@ -255,6 +230,19 @@ def gather_matched_gt_boxes(assignment: DenseAssignment) -> Tensor:
     """``[P, 4]`` GT box of every positive slot, in ``pos_mask.nonzero()`` order."""
     boxes = [gt[idx[pos]] for gt, idx, pos in zip(assignment.gt_boxes, assignment.matched_gt, assignment.pos_mask)]
     return torch.cat(boxes) if boxes else assignment.pos_mask.new_zeros((0, 4), dtype=torch.float32)
+
+
+def restrict_class_outputs_(model: Detector, columns, num_anchors: int = 1) -> Detector:
+    """Keep only the class outputs ``columns`` of a dense ``model``'s ``head.classification_head`` (in
+    place; ``num_anchors`` blocks of class logits per location): label ``j`` becomes old label ``columns[j]``."""
+    head = model.head.classification_head
+    columns = _check_columns(columns, head.num_classes)
+    rows = (torch.arange(num_anchors)[:, None] * head.num_classes + columns[None, :]).flatten()
+    head.cls_logits = _take_conv_outputs(head.cls_logits, rows)
+    head.num_classes = model.num_classes = len(columns)
+    if model.class_names is not None:
+        model.class_names = [model.class_names[c] for c in columns.tolist()]
+    return model
 
 
 def _check_columns(columns, num_outputs: int) -> Tensor:

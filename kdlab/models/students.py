@@ -33,20 +33,21 @@ def _backbone(levels, backbone, backbone_width, backbone_weights, backbone_norm,
                               backbone_weights=backbone_weights, fpn_channels=fpn_channels, levels=levels)
 
 
+def _dense(plain: type, distribution: type, body, num_classes: int, reg_max: int | None, head_convs: int,
+           **options):
+    """``plain(body, num_classes, **options)``, or with ``reg_max`` its distribution-head twin (GroupNorm towers)."""
+    if reg_max is None:
+        return plain(body, num_classes, **options)
+    return distribution(body, num_classes, reg_max=reg_max, head_convs=head_convs, head_norm_layer=group_norm,
+                        **options)
+
+
 def retinanet(
     num_classes: int,
-    backbone: str = "resnet50",
-    backbone_width: int = 64,
-    backbone_weights: str | None = None,
-    backbone_norm: str | None = None,
-    fpn_channels: int = 256,
-    head_convs: int = 4,
-    reg_max: int | None = None,
-    anchor_scale: float = 4.0,
-    box_loss: str = "giou",
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.5,
-    detections_per_img: int = 100,
+    backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+    backbone_norm: str | None = None, fpn_channels: int = 256, head_convs: int = 4, reg_max: int | None = None,
+    anchor_scale: float = 4.0, box_loss: str = "giou",
+    score_thresh: float = 0.05, nms_thresh: float = 0.5, detections_per_img: int = 100,
 ) -> RetinaNet:
     """RetinaNet with torchvision's v2 head (GroupNorm towers, GIoU loss) on any backbone.
 
@@ -73,26 +74,16 @@ def retinanet(
     head = tv_retinanet.RetinaNetHead(fpn_channels, num_anchors, num_classes, norm_layer=group_norm)
     head.classification_head.conv = conv_tower(fpn_channels, head_convs, group_norm, blocks=True)
     head.regression_head.conv = conv_tower(fpn_channels, head_convs, group_norm, blocks=True)
-    options = dict(strides=strides, anchor_generator=anchor_generator, head=head, box_loss=box_loss,
-                   score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
-    if reg_max is None:
-        return RetinaNet(body, num_classes, **options)
-    return DistributionRetinaNet(body, num_classes, reg_max=reg_max, head_convs=head_convs,
-                                 head_norm_layer=group_norm, **options)
+    return _dense(RetinaNet, DistributionRetinaNet, body, num_classes, reg_max, head_convs, strides=strides,
+                  anchor_generator=anchor_generator, head=head, box_loss=box_loss, score_thresh=score_thresh,
+                  nms_thresh=nms_thresh, detections_per_img=detections_per_img)
 
 
 def fcos(
     num_classes: int,
-    backbone: str = "resnet50",
-    backbone_width: int = 64,
-    backbone_weights: str | None = None,
-    backbone_norm: str | None = None,
-    fpn_channels: int = 256,
-    head_convs: int = 4,
-    reg_max: int | None = None,
-    score_thresh: float = 0.05,
-    nms_thresh: float = 0.6,
-    detections_per_img: int = 100,
+    backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+    backbone_norm: str | None = None, fpn_channels: int = 256, head_convs: int = 4, reg_max: int | None = None,
+    score_thresh: float = 0.05, nms_thresh: float = 0.6, detections_per_img: int = 100,
 ) -> FCOS:
     """FCOS (torchvision's head: GroupNorm towers, centre-ness on the box tower) on any backbone.
 
@@ -105,29 +96,17 @@ def fcos(
     head.classification_head = tv_fcos.FCOSClassificationHead(fpn_channels, 1, num_classes, head_convs,
                                                               norm_layer=group_norm)
     head.regression_head = tv_fcos.FCOSRegressionHead(fpn_channels, 1, head_convs, norm_layer=group_norm)
-    options = dict(strides=LEVEL_LAYOUTS["p3p7"], head=head, score_thresh=score_thresh, nms_thresh=nms_thresh,
-                   detections_per_img=detections_per_img)
-    if reg_max is None:
-        return FCOS(body, num_classes, **options)
-    return DistributionFCOS(body, num_classes, reg_max=reg_max, head_convs=head_convs,
-                            head_norm_layer=group_norm, **options)
+    return _dense(FCOS, DistributionFCOS, body, num_classes, reg_max, head_convs, strides=LEVEL_LAYOUTS["p3p7"],
+                  head=head, score_thresh=score_thresh, nms_thresh=nms_thresh, detections_per_img=detections_per_img)
 
 
 def faster_rcnn(
     num_classes: int,
-    backbone: str = "resnet50",
-    backbone_width: int = 64,
-    backbone_weights: str | None = None,
-    backbone_norm: str | None = None,
-    fpn_channels: int = 256,
-    representation_size: int | None = None,
-    anchor_scale: float = 8.0,
-    rpn_pre_nms_top_n_train: int = 1000,
-    rpn_post_nms_top_n_train: int = 1000,
-    rpn_post_nms_top_n_test: int = 1000,
-    box_batch_size_per_image: int = 128,
-    box_score_thresh: float = 0.05,
-    box_detections_per_img: int = 100,
+    backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+    backbone_norm: str | None = None, fpn_channels: int = 256,
+    representation_size: int | None = None, anchor_scale: float = 8.0,
+    rpn_pre_nms_top_n_train: int = 1000, rpn_post_nms_top_n_train: int = 1000, rpn_post_nms_top_n_test: int = 1000,
+    box_batch_size_per_image: int = 128, box_score_thresh: float = 0.05, box_detections_per_img: int = 100,
 ) -> FasterRCNN:
     """Faster R-CNN with FPN P2-P6 (torchvision's layout) on any backbone; kdlab labels ``0 .. C-1``.
 

@@ -70,11 +70,26 @@ def _coco_setup(name: str, weights, backbone: str, backbone_weights, num_classes
     return weights, None, coco_slots, list(COCO91_CLASS_NAMES)
 
 
-def _resnet50_body(backbone_weights, norm_layer) -> nn.Module:
-    body = resnet50(weights=None, norm_layer=norm_layer)
+def _resnet50_fpn(name: str, torchvision_class: type, detector_options: dict, num_classes: int | None, weights,
+                  backbone_weights, trainable_backbone_layers: int | None, *, frozen_bn: bool = True,
+                  p6p7_in: int | None = None, **fpn_options):
+    """What the ResNet-50 builders share: options checked, weights resolved, torchvision's ResNet-50 (with
+    FrozenBatchNorm when weights load and ``frozen_bn``, else BatchNorm) and its FPN (P3-P7 with P6/P7 from
+    ``p6p7_in`` channels when given, else P2-P6), modules created in torchvision's order.
+
+    Returns:
+        ``(backbone, weights, num_classes, class_names)``.
+    """
+    _check_options(name, detector_options, torchvision_class)
+    weights, backbone_weights, num_classes, names = _coco_setup(name, weights, "resnet50", backbone_weights, num_classes)
+    trained = weights is not None or backbone_weights is not None
+    layers = _validate_trainable_layers(trained, trainable_backbone_layers, 5, 3)
+    body = resnet50(weights=None, norm_layer=FrozenBatchNorm2d if trained and frozen_bn else nn.BatchNorm2d)
     if backbone_weights is not None:
         body.load_state_dict(load_weights_state_dict(backbone_weights))
-    return body
+    if p6p7_in is not None:
+        fpn_options.update(returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(p6p7_in, 256))
+    return _resnet_fpn_extractor(body, layers, **fpn_options), weights, num_classes, names
 
 
 def _finish(model: nn.Module, weights, eps_zero: bool = False) -> nn.Module:
@@ -89,13 +104,9 @@ def retinanet_resnet50_fpn(num_classes: int | None = None, weights: str | None =
                            backbone_weights: str | None = None, trainable_backbone_layers: int | None = None,
                            **detector_options) -> RetinaNet:
     """Torchvision's ``retinanet_resnet50_fpn`` (36.4 COCO AP with ``weights="COCO_V1"``)."""
-    _check_options("retinanet_resnet50_fpn", detector_options, tv_retinanet.RetinaNet)
-    weights, bb_weights, num_classes, names = _coco_setup(
-        "retinanet_resnet50_fpn", weights, "resnet50", backbone_weights, num_classes)
-    trained = weights is not None or bb_weights is not None
-    layers = _validate_trainable_layers(trained, trainable_backbone_layers, 5, 3)
-    body = _resnet50_body(bb_weights, FrozenBatchNorm2d if trained else nn.BatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    backbone, weights, num_classes, names = _resnet50_fpn(
+        "retinanet_resnet50_fpn", tv_retinanet.RetinaNet, detector_options, num_classes, weights, backbone_weights,
+        trainable_backbone_layers, p6p7_in=256)
     model = RetinaNet(backbone, num_classes, class_names=names, **detector_options)
     return _finish(model, weights, eps_zero=weights is not None and weights.name == "COCO_V1")
 
@@ -104,12 +115,9 @@ def retinanet_resnet50_fpn_v2(num_classes: int | None = None, weights: str | Non
                               backbone_weights: str | None = None, trainable_backbone_layers: int | None = None,
                               **detector_options) -> RetinaNet:
     """Torchvision's ``retinanet_resnet50_fpn_v2``: GroupNorm head, GIoU loss, P6 from C5 (41.5 AP)."""
-    _check_options("retinanet_resnet50_fpn_v2", detector_options, tv_retinanet.RetinaNet)
-    weights, bb_weights, num_classes, names = _coco_setup(
-        "retinanet_resnet50_fpn_v2", weights, "resnet50", backbone_weights, num_classes)
-    layers = _validate_trainable_layers(weights is not None or bb_weights is not None, trainable_backbone_layers, 5, 3)
-    body = _resnet50_body(bb_weights, nn.BatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(2048, 256))
+    backbone, weights, num_classes, names = _resnet50_fpn(
+        "retinanet_resnet50_fpn_v2", tv_retinanet.RetinaNet, detector_options, num_classes, weights, backbone_weights,
+        trainable_backbone_layers, frozen_bn=False, p6p7_in=2048)
     anchor_generator = tv_retinanet._default_anchorgen()
     head = tv_retinanet.RetinaNetHead(256, anchor_generator.num_anchors_per_location()[0], num_classes,
                                       norm_layer=partial(nn.GroupNorm, 32))
@@ -122,13 +130,9 @@ def fcos_resnet50_fpn(num_classes: int | None = None, weights: str | None = None
                       backbone_weights: str | None = None, trainable_backbone_layers: int | None = None,
                       **detector_options) -> FCOS:
     """Torchvision's ``fcos_resnet50_fpn`` (39.2 COCO AP with ``weights="COCO_V1"``)."""
-    _check_options("fcos_resnet50_fpn", detector_options, tv_fcos.FCOS)
-    weights, bb_weights, num_classes, names = _coco_setup(
-        "fcos_resnet50_fpn", weights, "resnet50", backbone_weights, num_classes)
-    trained = weights is not None or bb_weights is not None
-    layers = _validate_trainable_layers(trained, trainable_backbone_layers, 5, 3)
-    body = _resnet50_body(bb_weights, FrozenBatchNorm2d if trained else nn.BatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, layers, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    backbone, weights, num_classes, names = _resnet50_fpn(
+        "fcos_resnet50_fpn", tv_fcos.FCOS, detector_options, num_classes, weights, backbone_weights,
+        trainable_backbone_layers, p6p7_in=256)
     return _finish(FCOS(backbone, num_classes, class_names=names, **detector_options), weights)
 
 
@@ -140,13 +144,9 @@ def fasterrcnn_resnet50_fpn(num_classes: int | None = None, weights: str | None 
     ``torchvision_labels=True`` (default) keeps torchvision's layout: ``num_classes`` counts the
     background column 0 and labels start at 1; ``False`` adds a background column instead.
     """
-    _check_options("fasterrcnn_resnet50_fpn", detector_options, tv_faster_rcnn.FasterRCNN)
-    weights, bb_weights, num_classes, names = _coco_setup(
-        "fasterrcnn_resnet50_fpn", weights, "resnet50", backbone_weights, num_classes)
-    trained = weights is not None or bb_weights is not None
-    layers = _validate_trainable_layers(trained, trainable_backbone_layers, 5, 3)
-    body = _resnet50_body(bb_weights, FrozenBatchNorm2d if trained else nn.BatchNorm2d)
-    backbone = _resnet_fpn_extractor(body, layers)
+    backbone, weights, num_classes, names = _resnet50_fpn(
+        "fasterrcnn_resnet50_fpn", tv_faster_rcnn.FasterRCNN, detector_options, num_classes, weights, backbone_weights,
+        trainable_backbone_layers)
     model = FasterRCNN(backbone, num_classes, torchvision_labels=torchvision_labels, class_names=names, **detector_options)
     return _finish(model, weights, eps_zero=weights is not None and weights.name == "COCO_V1")
 
@@ -155,11 +155,9 @@ def fasterrcnn_resnet50_fpn_v2(num_classes: int | None = None, weights: str | No
                                backbone_weights: str | None = None, trainable_backbone_layers: int | None = None,
                                torchvision_labels: bool = True, **detector_options) -> FasterRCNN:
     """Torchvision's ``fasterrcnn_resnet50_fpn_v2``: 2-conv RPN head, 4-conv + FC box head (46.7 AP)."""
-    _check_options("fasterrcnn_resnet50_fpn_v2", detector_options, tv_faster_rcnn.FasterRCNN)
-    weights, bb_weights, num_classes, names = _coco_setup(
-        "fasterrcnn_resnet50_fpn_v2", weights, "resnet50", backbone_weights, num_classes)
-    layers = _validate_trainable_layers(weights is not None or bb_weights is not None, trainable_backbone_layers, 5, 3)
-    backbone = _resnet_fpn_extractor(_resnet50_body(bb_weights, nn.BatchNorm2d), layers, norm_layer=nn.BatchNorm2d)
+    backbone, weights, num_classes, names = _resnet50_fpn(
+        "fasterrcnn_resnet50_fpn_v2", tv_faster_rcnn.FasterRCNN, detector_options, num_classes, weights,
+        backbone_weights, trainable_backbone_layers, frozen_bn=False, norm_layer=nn.BatchNorm2d)
     anchor_generator = tv_faster_rcnn._default_anchorgen()
     rpn_head = RPNHead(256, anchor_generator.num_anchors_per_location()[0], conv_depth=2)
     box_head = tv_faster_rcnn.FastRCNNConvFCHead((256, 7, 7), [256, 256, 256, 256], [1024], norm_layer=nn.BatchNorm2d)
