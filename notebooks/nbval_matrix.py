@@ -171,18 +171,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/[0-9]*.ipynb")
     parser.add_argument("--matrix", choices=("pairwise", "full"), default="pairwise")
     parser.add_argument("--out", type=Path, default=ROOT / "notebooks" / "nbval_matrix.md")
+    parser.add_argument("--only", type=int, nargs="+", metavar="N",
+                        help="run only these settings of the matrix (numbered from 1 in the order listed above)")
     args = parser.parse_args(argv)
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
     notebooks = [p.resolve() for p in notebooks]
+    chosen = settings(args.matrix)
+    if args.only:
+        bad = [i for i in args.only if not 1 <= i <= len(chosen)]
+        if bad:
+            parser.error(f"--only: settings are numbered 1..{len(chosen)}, got {bad}")
+        chosen = [chosen[i - 1] for i in args.only]
     results = []
     with tempfile.TemporaryDirectory(prefix="nbval_matrix_") as tmp:
-        for label, overrides in settings(args.matrix):
+        for label, overrides in chosen:
             result = run_setting(label, overrides, notebooks, Path(tmp))
             results.append(result)
             status = "ok" if not result["failures"] and result["returncode"] == 0 else f"FAILED {result['failures']}"
             print(f"[{label}] {result['capability']}: {status} ({result['seconds']:.0f} s)", flush=True)
             if result["tail"]:
                 print(result["tail"], flush=True)
+            # the table so far: a long matrix interrupted keeps what it measured
+            args.out.write_text(report(results, notebooks))
     text = report(results, notebooks)
     args.out.write_text(text)
     print(text)
