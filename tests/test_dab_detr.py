@@ -94,7 +94,7 @@ def test_matcher_cost_by_hand_and_brute_force():
 
 def set_output(layer_logits, layer_boxes, image_sizes):
     layer_logits, layer_boxes = torch.tensor(layer_logits), torch.tensor(layer_boxes)
-    num_layers, batch, num_q = layer_boxes.shape[:3]
+    batch, num_q = layer_boxes.shape[1:3]
     return SetOutput(features=[], feature_strides=[], memory=torch.zeros(batch, 1, 4),
                      memory_mask=torch.zeros(batch, 1, dtype=torch.bool), pred_logits=layer_logits[-1],
                      pred_boxes=layer_boxes[-1], layer_logits=layer_logits, layer_boxes=layer_boxes,
@@ -321,3 +321,17 @@ def test_backbone_parameters_get_the_backbone_lr():
 def test_bad_options_raise(options, message):
     with pytest.raises(ValueError, match=message):
         tiny_detr(**options)
+
+
+def test_backbone_weights_from_a_detector_checkpoint(tmp_path):
+    # the shapes configs start DAB-DETR from another kdlab detector's ResNet (a stand-in for ImageNet weights)
+    torch.manual_seed(1)
+    gfl = build_detector("gfl", 3, backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=16, head_convs=1)
+    torch.save({"state_dict": gfl.state_dict()}, tmp_path / "gfl.pt")
+    model = tiny_detr(backbone_norm="gn", backbone_weights=str(tmp_path / "gfl.pt"))
+    for name, value in model.backbone.body.state_dict().items():
+        assert torch.equal(value, gfl.backbone.body.state_dict()[name]), name
+    assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # stem + layer1 frozen, as DETR
+    assert model.backbone.body.layer2[0].conv1.weight.requires_grad
+    with pytest.raises(ValueError, match="does not fit"):
+        tiny_detr(backbone="resnet34", backbone_norm="gn", backbone_weights=str(tmp_path / "gfl.pt"))

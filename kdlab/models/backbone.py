@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet as tv_resnet
 from torchvision.ops import FeaturePyramidNetwork
@@ -76,6 +77,32 @@ class ResNetBody(nn.Module):
         return [c3, c4, c5]
 
 
+def load_backbone_weights(body: ResNetBody, depth: str, width: int, weights: str) -> None:
+    """Initialise ``body`` from ``weights``: a torchvision ImageNet weights name (e.g. ``"IMAGENET1K_V1"``),
+    or the path of a kdlab detector checkpoint (``*.pt``) whose ``backbone.body.*`` weights fit ``body``
+    (the quick CPU configurations' stand-in for ImageNet weights, which this machine does not have)."""
+    if weights.endswith(".pt"):
+        load_checkpoint_body(body, weights)
+    else:
+        load_imagenet_weights(body, depth, width, weights)
+
+
+def load_checkpoint_body(body: ResNetBody, path: str) -> None:
+    """Copy the ``backbone.body.*`` weights of the exported detector ``path`` (``student.pt``) into ``body``."""
+    state = torch.load(path, map_location="cpu", weights_only=True).get("state_dict", {})
+    prefix = "backbone.body."
+    body_state = {k[len(prefix):]: v.float() if v.is_floating_point() else v
+                  for k, v in state.items() if k.startswith(prefix)}
+    try:
+        missing, unexpected = body.load_state_dict(body_state, strict=False)
+    except RuntimeError as err:  # shapes differ: another width
+        raise ValueError(f"backbone_weights={path!r} does not fit this ResNet: {str(err).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:  # another depth, or no backbone.body at all
+        raise ValueError(f"backbone_weights={path!r} does not fit this ResNet: missing {missing[:3]} "
+                         f"({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)})")
+
+
 def load_imagenet_weights(body: ResNetBody, depth: str, width: int, weights: str) -> None:
     """Load torchvision's ImageNet weights ``weights`` (e.g. ``"IMAGENET1K_V1"``) into ``body``."""
     if width != 64:
@@ -109,7 +136,7 @@ class ResNetFPN(nn.Module):
         super().__init__()
         self.body = ResNetBody(depth, width, norm)
         if weights is not None:
-            load_imagenet_weights(self.body, depth, width, weights)
+            load_backbone_weights(self.body, depth, width, weights)
         if frozen_stages is None:
             frozen_stages = 1 if weights is not None else -1
         self.body.freeze_stages(frozen_stages)

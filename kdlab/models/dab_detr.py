@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models._utils import IntermediateLayerGetter
 
-from kdlab.models.backbone import ResNetBody, load_imagenet_weights
+from kdlab.models.backbone import ResNetBody, load_backbone_weights
 from kdlab.models.base import Detector
 from kdlab.models.detr_criterion import HungarianMatcher, SetCriterion
 from kdlab.models.detr_outputs import QueryPassOutput, SetOutput
@@ -34,7 +34,8 @@ class DETRBackbone(nn.Module):
 
     Args:
         depth, width, norm: as :class:`~kdlab.models.backbone.ResNetBody`.
-        weights: torchvision ImageNet weights name, or ``None``.
+        weights: torchvision ImageNet weights name, a kdlab detector checkpoint to take the ResNet
+            from (``*.pt``, see :func:`~kdlab.models.backbone.load_backbone_weights`), or ``None``.
         frozen_stages: stem + ``layer1..layer{k}`` frozen (default: 1 with weights as DETR, else none).
         feature_level: ``"C5"`` (stride 32, published), ``"DC5"`` (dilated C5, stride 16),
             ``"C4"`` (stride 16) or ``"C3"`` (stride 8).
@@ -47,7 +48,7 @@ class DETRBackbone(nn.Module):
             raise ValueError(f"feature_level must be one of {sorted(FEATURE_LEVELS)}, got {feature_level!r}")
         body = ResNetBody(depth, width, norm, dilate_c5=feature_level == "DC5")
         if weights is not None:
-            load_imagenet_weights(body, depth, width, weights)
+            load_backbone_weights(body, depth, width, weights)
         body.freeze_stages(frozen_stages if frozen_stages is not None else (1 if weights is not None else -1))
         stage, self.stride = FEATURE_LEVELS[feature_level]
         self.out_channels = body.out_channels[["layer2", "layer3", "layer4"].index(stage)]
@@ -80,7 +81,8 @@ class DABDETR(Detector):
         num_classes: ``C`` (sigmoid scores, no background class).
         backbone: ``resnet18`` / ``resnet34`` / ``resnet50`` / ``resnet101``.
         backbone_width: base width (64 = torchvision's ResNet; 8-32 for the CPU configurations).
-        backbone_weights: torchvision ImageNet weights name (e.g. ``"IMAGENET1K_V1"``) or ``None``.
+        backbone_weights: torchvision ImageNet weights name (e.g. ``"IMAGENET1K_V1"``), a kdlab detector
+            checkpoint (``*.pt``) whose ResNet to start from, or ``None``. DETRs train poorly from scratch.
         backbone_norm: ``"frozen_bn"`` (pretrained), ``"bn"`` or ``"gn"``.
         frozen_stages: stem + ``layer1..layer{k}`` frozen (default 1 with weights, as DETR).
         feature_level: the encoder's input map: ``"C5"`` (published), ``"DC5"``, ``"C4"``, ``"C3"``.

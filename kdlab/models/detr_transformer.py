@@ -165,6 +165,8 @@ class DecoderLayer(nn.Module):
         self.activation = activation_layer(activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
+        nn.init.zeros_(self.sa_out_proj.bias)  # as torch's (and DAB-DETR's) attention modules do
+        nn.init.zeros_(self.ca_out_proj.bias)
 
     def forward(self, content: Tensor, query_pos: Tensor, query_sine: Tensor, memory: Tensor, memory_pos: Tensor,
                 memory_padding_mask: Tensor) -> Tensor:
