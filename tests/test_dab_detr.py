@@ -3,12 +3,13 @@ separate extra query passes, the padding mask, post-processing, config and check
 
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from kdlab.config import ConfigError, config_from_dict
+from kdlab.config import ConfigError, config_from_dict, load_config
 from kdlab.engine.checkpoint import export_student, load_detector
 from kdlab.engine.optim import is_backbone_parameter
 from kdlab.models import build_detector
@@ -18,6 +19,7 @@ from kdlab.models.detr_criterion import HungarianMatcher, SetCriterion, hungaria
 from kdlab.models.detr_outputs import SetOutput
 from kdlab.models.detr_transformer import image_position_embedding, sine_embedding
 
+REPO = Path(__file__).resolve().parents[1]
 TINY = dict(backbone="resnet18", backbone_width=8, backbone_norm="frozen_bn", feature_level="C4", hidden_dim=32,
             num_queries=8, enc_layers=1, dec_layers=2, num_heads=4, dim_feedforward=64)
 
@@ -335,3 +337,13 @@ def test_backbone_weights_from_a_detector_checkpoint(tmp_path):
     assert model.backbone.body.layer2[0].conv1.weight.requires_grad
     with pytest.raises(ValueError, match="does not fit"):
         tiny_detr(backbone="resnet34", backbone_norm="gn", backbone_weights=str(tmp_path / "gfl.pt"))
+
+
+@pytest.mark.parametrize("name,backbone", [("coco_dab_detr_r50", "resnet50"), ("coco_dab_detr_r18", "resnet18")])
+def test_coco_configs_are_the_released_recipe(name, backbone):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    assert (cfg.epochs, cfg.lr_steps, cfg.optimizer, cfg.lr, cfg.base_batch_size) == (50, [40], "adamw", 1e-4, 16)
+    assert (cfg.backbone_lr_mult, cfg.weight_decay, cfg.grad_clip, cfg.backbone_weights) == (0.1, 1e-4, 0.1, "IMAGENET1K_V1")
+    model = build_detector(cfg.model, 80, **{**cfg.model_options(), "backbone_weights": None})
+    assert model.num_queries == 300 and model.backbone.stride == 32 and model.dec_layers == 6
+    assert cfg.backbone == backbone
