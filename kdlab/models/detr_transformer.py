@@ -189,17 +189,18 @@ class DecoderLayer(nn.Module):
         content = self.norm1(content + self.dropout(self.sa_out_proj(attended)))
 
         batch, num_q, d_model = content.shape
+        heads, head_dim = self.num_heads, d_model // self.num_heads
         q_content = self.ca_qcontent_proj(content)
         k_content, k_pos = self.ca_kcontent_proj(memory), self.ca_kpos_proj(memory_pos)
-        if self.ca_qpos_proj is not None:
+        if self.ca_qpos_proj is not None:  # first layer: positions also added to the content parts
             q_content = q_content + self.ca_qpos_proj(query_pos)
             k_content = k_content + k_pos
         q_sine = self.ca_qpos_sine_proj(query_sine)
-        heads = self.num_heads
-        q = torch.cat([q_content.view(batch, num_q, heads, -1), q_sine.view(batch, num_q, heads, -1)], dim=-1)
-        k = torch.cat([k_content.view(batch, -1, heads, d_model // heads), k_pos.view(batch, -1, heads, d_model // heads)], dim=-1)
+        # per head: query Cat(content, position), key Cat(content, position), each head_dim wide
+        q = torch.cat([q_content.view(batch, num_q, heads, head_dim), q_sine.view(batch, num_q, heads, head_dim)], dim=-1)
+        k = torch.cat([k_content.view(batch, -1, heads, head_dim), k_pos.view(batch, -1, heads, head_dim)], dim=-1)
         attended = multi_head_attention(q.flatten(2), k.flatten(2), self.ca_v_proj(memory), heads,
-                                        memory_padding_mask, dropout)  # [B, P, D], heads of width 2D/h for Q, K
+                                        memory_padding_mask, dropout)  # [B, P, D]
         content = self.norm2(content + self.dropout(self.ca_out_proj(attended)))
 
         ffn = self.linear2(self.dropout(self.activation(self.linear1(content))))
