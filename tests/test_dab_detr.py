@@ -194,6 +194,27 @@ def test_decoder_anchor_chain_and_shapes():
     assert [len(q) for q, _ in out.matches] == [2, 1]
 
 
+def test_set_output_follows_the_output_protocol():
+    from kdlab.models.outputs import DetectorOutput, MissingOutputError
+
+    model = tiny_detr().train()
+    images, targets = batch_and_targets()
+    out = model(images, [(64, 64), (64, 64)], targets, extra_queries={"general": torch.randn(5, 4)})
+    assert model.output_kind == "set" and isinstance(out, DetectorOutput) and out.kind == "set"
+    assert out.feature_strides == [16] and out.detector_name == "DAB-DETR"
+    with pytest.raises(MissingOutputError, match="KD-DETR needs .* from the teacher, but the teacher's output \\(DAB-DETR\\)"):
+        out.dense_slots("KD-DETR", "teacher")
+    with pytest.raises(MissingOutputError, match="has no box_logits"):
+        out.require("box_logits", "LD", "teacher")
+    assert out.require("query_anchors", "KD-DETR", "teacher") is out.query_anchors
+    assert out.layer_logits.requires_grad and out.extra["general"].layer_boxes.requires_grad
+    detached = out.detach()  # every tensor, the extra passes included
+    assert isinstance(detached, SetOutput) and not detached.layer_logits.requires_grad
+    assert not detached.extra["general"].layer_boxes.requires_grad
+    assert torch.equal(detached.extra["general"].layer_logits, out.extra["general"].layer_logits)
+    assert detached.matches is not None and detached.feature_strides == [16]
+
+
 def test_gradient_reaches_anchors_but_not_through_the_anchor_chain():
     model = tiny_detr().train()
     images, targets = batch_and_targets()

@@ -98,6 +98,8 @@ class DABDETR(Detector):
         detections_per_img: top-k over ``Q x C`` scores in :meth:`postprocess` (100, COCO's maxDets).
     """
 
+    output_kind = "set"
+
     def __init__(
         self,
         num_classes: int,

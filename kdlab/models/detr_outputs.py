@@ -13,13 +13,14 @@ Conventions (DETR's, which differ from the dense detectors' :mod:`kdlab.models.o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from kdlab.models.outputs import _detach
+from kdlab.models.outputs import DetectorOutput, _detach
 
 
 def cxcywh_to_pixels(boxes: Tensor, image_sizes: list[tuple[int, int]]) -> Tensor:
@@ -55,12 +56,13 @@ class QueryPassOutput:
         return self.layer_boxes[-1]
 
     def detach(self) -> "QueryPassOutput":
-        return QueryPassOutput(*(getattr(self, f.name).detach() for f in fields(self)))
+        return _detach(self)
 
 
 @dataclass
-class SetOutput:
-    """What one forward pass of a DETR-family detector returns.
+class SetOutput(DetectorOutput):
+    """What one forward pass of a DETR-family detector returns (output kind ``"set"`` of the
+    :class:`~kdlab.models.outputs.DetectorOutput` protocol; it has no dense slots).
 
     Attributes:
         features: the backbone map(s) fed to the encoder, ``[B, C_backbone, H, W]`` each.
@@ -78,7 +80,10 @@ class SetOutput:
             separate decoder pass.
         matches: when the forward was given targets, the final layer's Hungarian matching per image,
             ``(query_idx [K_i], gt_idx [K_i])`` with ``K_i = min(Q, G_i)``.
+        source: what produced the output (for messages).
     """
+
+    kind: ClassVar[str] = "set"
 
     features: list[Tensor]
     feature_strides: list[int]
@@ -93,6 +98,11 @@ class SetOutput:
     image_sizes: list[tuple[int, int]]
     extra: dict[str, QueryPassOutput] = field(default_factory=dict)
     matches: list[tuple[Tensor, Tensor]] | None = None
+    source: str = "DAB-DETR"
+
+    @property
+    def detector_name(self) -> str:
+        return self.source
 
     @property
     def num_queries(self) -> int:
@@ -102,14 +112,3 @@ class SetOutput:
     def pred_boxes_xyxy(self) -> Tensor:
         """``[B, Q, 4]`` final-layer boxes as ``(x1, y1, x2, y2)`` in input pixels."""
         return cxcywh_to_pixels(self.pred_boxes, self.image_sizes)
-
-    def detach(self) -> "SetOutput":
-        """A copy whose tensors are detached (used for the teacher's output)."""
-        kwargs = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra":
-                kwargs[f.name] = {name: query_pass.detach() for name, query_pass in value.items()}
-            else:
-                kwargs[f.name] = _detach(value)
-        return SetOutput(**kwargs)
