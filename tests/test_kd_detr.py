@@ -317,6 +317,44 @@ def test_engine_trains_checkpoints_and_resumes_exactly(tiny_shapes, tmp_path):
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
+def test_shapes_config_is_the_student_config_plus_kd_detr():
+    import inspect
+
+    from kdlab.config import load_config
+
+    student, kd = load_config(REPO / "configs/shapes_dab_detr_student.yaml"), load_config(REPO / "configs/shapes_kd_detr_student.yaml")
+    distill_keys = {"distill", "distill_options", "teacher_checkpoint", "teacher_config", "output_dir"}
+    assert {k: v for k, v in student.to_dict().items() if k not in distill_keys} == \
+        {k: v for k, v in kd.to_dict().items() if k not in distill_keys}
+    defaults = {name: p.default for name, p in inspect.signature(KDDETR.__init__).parameters.items()}
+    changed = {k: v for k, v in kd.distill_options.items() if defaults[k] != v}
+    assert kd.distill == "kd_detr" and changed == {"num_general": student.detector_options["num_queries"]}
+    assert kd.teacher_checkpoint == "data/checkpoints/shapes_dab_detr_teacher.pt"
+
+
+def cli_error(capsys, argv) -> str:
+    from kdlab.cli import main
+
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("kdlab: error")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    return lines[0]
+
+
+def test_config_errors_are_one_line(tiny_shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)  # the config's backbone_weights path is relative to the repository
+    base = ["train", "configs/shapes_kd_detr_student.yaml", "--no-progress", "--set", f"data_root={tiny_shapes}",
+            f"output_dir={tmp_path / 'run'}"]
+    missing = tmp_path / "gone" / "shapes_dab_detr_teacher.pt"
+    line = cli_error(capsys, base + [f"teacher_checkpoint={missing}"])
+    assert f"{missing} does not exist" in line and "kdlab train configs/shapes_dab_detr_teacher.yaml" in line
+    line = cli_error(capsys, base + ["teacher_checkpoint=data/checkpoints/shapes_gfl_teacher.pt"])
+    assert "distill='kd_detr'" in line and "KD-DETR distils set detectors; the teacher is a GFL (dense output)" in line
+    line = cli_error(capsys, base + ["teacher_checkpoint=data/checkpoints/shapes_gfl_teacher.pt", "distill_options.variant=paper"])
+    assert "distill_options.variant must be one of 'kdlab', 'official'" in line
+
+
 def test_experiment_rows_and_missing_teacher(capsys):
     import importlib.util
 
