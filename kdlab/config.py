@@ -44,6 +44,8 @@ class TrainConfig:
         backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels, head_convs,
         reg_max, octave_base_scale, anchor_scale, weights: detector options (``weights``: zoo detectors' pretrained
         weights; ``octave_base_scale``: GFL's anchor side in strides, 8 for COCO-sized images).
+        detector_options: extra keyword arguments of ``build_detector``, for detectors with options
+        beyond the fields above (e.g. DAB-DETR's ``num_queries``); merged into ``model_options()``.
     Optimisation:
         optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
         lr: learning rate for ``base_batch_size`` images; scaled linearly to the real total batch.
@@ -94,6 +96,7 @@ class TrainConfig:
     octave_base_scale: float | None = None
     anchor_scale: float | None = None
     weights: str | None = None
+    detector_options: dict[str, Any] = field(default_factory=dict)
     # optimisation
     optimizer: str = "sgd"
     lr: float = 0.01
@@ -133,8 +136,9 @@ class TrainConfig:
         self._check_values()
 
     def model_options(self) -> dict[str, Any]:
-        """The non-``None`` model fields, as keyword arguments of ``build_detector``."""
-        return {name: getattr(self, name) for name in self.MODEL_OPTION_FIELDS if getattr(self, name) is not None}
+        """The non-``None`` model fields and ``detector_options``, as keyword arguments of ``build_detector``."""
+        fields = {name: getattr(self, name) for name in self.MODEL_OPTION_FIELDS if getattr(self, name) is not None}
+        return {**fields, **self.detector_options}
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (only str/int/float/bool/None/list/dict), e.g. for checkpoints."""
@@ -162,6 +166,9 @@ class TrainConfig:
             raise ConfigError(f"max_iters must be >= 1 or null, got {self.max_iters}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+        clash = sorted(set(self.detector_options) & set(self.MODEL_OPTION_FIELDS))
+        if clash:
+            raise ConfigError(f"detector_options {clash} are model fields: set them as top-level keys")
         if self.distill is not None and self.teacher_checkpoint is None:
             raise ConfigError(f"distill={self.distill!r} needs teacher_checkpoint (an exported student.pt)")
         if self.distill is None and self.distill_options:
@@ -234,7 +241,8 @@ def _closest(key: str) -> str:
 
 
 def _apply_override(values: dict[str, Any], override: str) -> None:
-    """Apply ``key=value`` (``value`` parsed by YAML); ``distill_options.name=value`` sets one option."""
+    """Apply ``key=value`` (``value`` parsed by YAML); ``distill_options.name=value`` (or
+    ``detector_options.name=value``) sets one option."""
     key, sep, text = override.partition("=")
     key = key.strip()
     if not sep or not key:
@@ -245,9 +253,10 @@ def _apply_override(values: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({err})") from None
     head, dot, option = key.partition(".")
     if dot:
-        if head != "distill_options" or not option:
-            raise ConfigError(f"override {override!r}: only distill_options.<name>=value may use a dot")
-        values["distill_options"] = {**(values.get("distill_options") or {}), option: value}
+        if head not in ("distill_options", "detector_options") or not option:
+            raise ConfigError(f"override {override!r}: only distill_options.<name>=value and "
+                              f"detector_options.<name>=value may use a dot")
+        values[head] = {**(values.get(head) or {}), option: value}
         return
     if key not in _field_types():
         raise ConfigError(f"override {override!r}: unknown key {key!r}; {_closest(key)}")

@@ -5,6 +5,10 @@
 - ``"ld"``: :class:`kdlab.distill.ld.LD` (Localization Distillation, METHODS.md §1)
 - ``"gid"``: :class:`kdlab.distill.gid.GID` (General Instance Distillation, METHODS.md §2)
 - ``"drkd"``: :class:`kdlab.distill.drkd.DRKD` (Dual Relation Knowledge Distillation, METHODS.md §4)
+- ``"kd_detr"``: :class:`kdlab.distill.kd_detr.KDDETR` (KD-DETR's consistent distillation points, METHODS.md §3;
+  DETR-family teacher and student, e.g. ``dab_detr``)
+- ``"detr_matched_kd"``: :class:`kdlab.distill.kd_detr.MatchedQueryKD`, the baseline KD-DETR argues against
+  (detection queries paired by Hungarian matching)
 - ``"fitnet"``, ``"inside_gt"``, ``"fine_grained"``, ``"gi_imitation"``, ``"cls_kd"``: the
   feature-imitation and logit-KD baselines of :mod:`kdlab.distill.imitation`
 
@@ -22,6 +26,7 @@ from kdlab.distill.base import DistillationTask, DistillCriterion
 from kdlab.distill.drkd import DRKD
 from kdlab.distill.gid import GID
 from kdlab.distill.imitation import ClassificationKD, FineGrainedImitation, FitNet, GIImitation, InsideGTImitation
+from kdlab.distill.kd_detr import KDDETR, MatchedQueryKD
 from kdlab.distill.ld import LD
 from kdlab.models.base import Detector
 
@@ -29,6 +34,8 @@ METHODS: dict[str, type[DistillCriterion]] = {
     "ld": LD,
     "gid": GID,
     "drkd": DRKD,
+    "kd_detr": KDDETR,
+    "detr_matched_kd": MatchedQueryKD,
     "fitnet": FitNet,
     "inside_gt": InsideGTImitation,
     "fine_grained": FineGrainedImitation,
@@ -93,5 +100,5 @@ def build_distillation(spec: str, student: Detector, teacher: Detector, options:
 
 
 __all__ = ["METHODS", "RECIPES", "DistillationTask", "DistillCriterion", "build_distillation", "method_options",
-           "parse_distill", "LD", "GID", "DRKD", "FitNet", "InsideGTImitation", "FineGrainedImitation", "GIImitation",
+           "parse_distill", "LD", "GID", "DRKD", "KDDETR", "MatchedQueryKD", "FitNet", "InsideGTImitation", "FineGrainedImitation", "GIImitation",
            "ClassificationKD"]

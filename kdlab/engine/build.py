@@ -12,6 +12,7 @@ import functools
 import inspect
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,11 +84,48 @@ def build_student(cfg: TrainConfig, num_classes: int) -> Detector:
     return build_detector(cfg.model, num_classes, **cfg.model_options())
 
 
+# the project's teacher checkpoints (data/checkpoints/README.md) -> the config that trains each; any other
+# data/checkpoints/NAME.pt is looked up as configs/NAME.yaml
+PROJECT_TEACHERS = {
+    "shapes_retinanet_teacher": "configs/shapes_gid_retinanet_teacher.yaml",
+    "shapes_fcos_teacher": "configs/shapes_gid_fcos_teacher.yaml",
+    "shapes_faster_rcnn_teacher": "configs/shapes_gid_faster_rcnn_teacher.yaml",
+}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def teacher_training_config(cfg: TrainConfig) -> str | None:
+    """The config that trains ``cfg.teacher_checkpoint``: ``teacher_config``, else the project config of a
+    checkpoint under ``data/checkpoints/`` (:data:`PROJECT_TEACHERS`, or ``configs/NAME.yaml``), else ``None``."""
+    if cfg.teacher_config is not None:
+        return cfg.teacher_config
+    stem = Path(cfg.teacher_checkpoint).stem
+    candidate = PROJECT_TEACHERS.get(stem, f"configs/{stem}.yaml")
+    return candidate if (REPO_ROOT / candidate).is_file() or Path(candidate).is_file() else None
+
+
+def check_teacher_checkpoint(cfg: TrainConfig) -> None:
+    """A missing ``teacher_checkpoint`` is a :class:`CheckpointError` naming the file and how to train it."""
+    path = Path(cfg.teacher_checkpoint)
+    if path.is_file():
+        return
+    config = teacher_training_config(cfg)
+    if config is None:
+        how = ("train the teacher (`kdlab train TEACHER_CONFIG`) and set teacher_checkpoint to its exported "
+               "student.pt")
+    else:
+        run = f"runs/{Path(config).stem}"
+        how = (f"train it with `kdlab train {config} --output-dir {run}` and copy {run}/student.pt to {path} "
+               f"(or set teacher_checkpoint={run}/student.pt)")
+    raise CheckpointError(f"teacher_checkpoint {path} does not exist: {how}")
+
+
 def build_teacher(cfg: TrainConfig, num_classes: int) -> Detector:
     """The frozen teacher: its architecture from ``cfg.teacher_config`` (or, if unset, from the
     checkpoint itself) and its weights from ``cfg.teacher_checkpoint`` (an exported ``student.pt``)."""
     if cfg.teacher_checkpoint is None:
         raise ValueError(f"distill={cfg.distill!r} needs teacher_checkpoint (the teacher's exported student.pt)")
+    check_teacher_checkpoint(cfg)
     if cfg.teacher_config is None:
         teacher = load_detector(cfg.teacher_checkpoint)
     else:

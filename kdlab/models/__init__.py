@@ -5,14 +5,16 @@ from __future__ import annotations
 import inspect
 
 from kdlab.models.base import Criterion, Detector, weighted_total
+from kdlab.models.dab_detr import DABDETR
+from kdlab.models.detr_outputs import QueryPassOutput, SetOutput
 from kdlab.models.gfl import GFL
 from kdlab.models.outputs import DenseAssignment, DenseOutput
 from kdlab.models.students import STUDENT_BUILDERS
 from kdlab.models.torchvision_models import TORCHVISION_BUILDERS
 
-# name -> class or builder taking (num_classes, **options): kdlab's GFL, kdlab's configurable students,
-# torchvision's detectors under torchvision's names
-DETECTORS = {"gfl": GFL, **STUDENT_BUILDERS, **TORCHVISION_BUILDERS}
+# name -> class or builder taking (num_classes, **options): kdlab's GFL and DAB-DETR, kdlab's configurable
+# students, torchvision's detectors under torchvision's names
+DETECTORS = {"gfl": GFL, "dab_detr": DABDETR, **STUDENT_BUILDERS, **TORCHVISION_BUILDERS}
 
 
 def build_detector(name: str, num_classes: int, **options) -> Detector:
@@ -33,4 +35,5 @@ def build_detector(name: str, num_classes: int, **options) -> Detector:
     return builder(num_classes=num_classes, **options)
 
 
-__all__ = ["build_detector", "DETECTORS", "Detector", "Criterion", "DenseOutput", "DenseAssignment", "GFL", "weighted_total"]
+__all__ = ["build_detector", "DETECTORS", "Detector", "Criterion", "DenseOutput", "DenseAssignment", "GFL", "DABDETR",
+           "SetOutput", "QueryPassOutput", "weighted_total"]

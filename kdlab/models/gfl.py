@@ -69,7 +69,8 @@ class GFL(Detector):
         num_classes: number of object classes ``C`` (no background class: sigmoid scores).
         backbone: ``resnet18`` / ``resnet34`` / ``resnet50`` / ``resnet101``.
         backbone_width: base width (64 = torchvision's ResNet; 8-32 for the CPU configurations).
-        backbone_weights: torchvision ImageNet weights name (e.g. ``"IMAGENET1K_V1"``) or ``None``.
+        backbone_weights: torchvision ImageNet weights name (e.g. ``"IMAGENET1K_V1"``), a kdlab detector
+            checkpoint (``*.pt``) whose ResNet to start from, or ``None``.
         backbone_norm: ``"frozen_bn"`` (pretrained), ``"bn"`` or ``"gn"`` (from scratch, DDP-exact).
         frozen_stages: stem + ``layer1..layer{k}`` frozen (default 1 with weights, none without).
         fpn_channels: FPN and head width (256 in the paper).

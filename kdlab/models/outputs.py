@@ -10,7 +10,7 @@ Every output class implements :class:`DetectorOutput`, the small interface disti
 
 A distiller never asks which detector produced an output. The kinds are ``"dense"``
 (:class:`DenseOutput`), ``"two_stage"`` (:class:`~kdlab.models.faster_rcnn_outputs.TwoStageOutput`)
-and ``"set"`` (DETR-style set prediction).
+and ``"set"`` (:class:`~kdlab.models.detr_outputs.SetOutput`, DETR-style set prediction).
 
 Conventions shared by every dense detector in kdlab (GFL, RetinaNet, FCOS, ...):
 
@@ -49,8 +49,8 @@ class MissingOutputError(ValueError):
 class DetectorOutput:
     """The interface every kdlab detector output offers to distillers (see the module docstring).
 
-    Subclasses are dataclasses with at least ``features`` and ``image_sizes``; they set ``kind``
-    and may override ``detector_name``, ``feature_strides`` and ``dense_slots``.
+    Subclasses are dataclasses with ``features``, ``feature_strides`` and ``image_sizes``; they set
+    ``kind`` and may override ``detector_name`` and ``dense_slots``.
     """
 
     kind: ClassVar[str] = "?"
@@ -60,10 +60,8 @@ class DetectorOutput:
         """What produced the output, for messages (e.g. ``"RetinaNet"``)."""
         return type(self).__name__
 
-    @property
-    def feature_strides(self) -> list[int]:
-        """Stride of each map of ``features`` (in input pixels)."""
-        raise NotImplementedError
+    # every output also offers ``feature_strides``: the stride of each map of ``features`` in input
+    # pixels (a property of the dense and two-stage outputs, a field of the set-prediction output)
 
     def dense_slots(self, method: str = "this method", who: str = "model") -> "DenseOutput":
         """The per-slot predictions of the detector's dense stage (:class:`DenseOutput`)."""

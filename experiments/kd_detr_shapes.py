@@ -1,0 +1,157 @@
+"""KD-DETR's experiment on shapes: the DAB-DETR student alone, trained longer, with the inconsistent
+matched-query baseline, and with KD-DETR's distillation points (general, specific, both).
+
+One command, three seeds per run, every run through the engine (``kdlab.engine.train``)::
+
+    python experiments/kd_detr_shapes.py                        # everything below, seeds 0 1 2
+    python experiments/kd_detr_shapes.py --quick --max-iters 2  # smoke test: seed 0, 2 iterations
+    python experiments/kd_detr_shapes.py --variants student kd_detr --seeds 0
+
+Rows (METHODS.md §3; the paper's R-18 ablation order: none 36.2 < general 38.7 < specific 40.0 <
+both + weighting 41.4), with ``configs/shapes_kd_detr_student.yaml`` and the project's shapes DAB-DETR
+teacher ``data/checkpoints/shapes_dab_detr_teacher.pt``:
+
+- the student alone; the student alone trained ``1 + r`` times as long (``r`` the teacher's forward
+  cost per student step, measured once and cached: the compute-matched baseline);
+- the inconsistent baseline: distillation through the detection queries, teacher predictions
+  Hungarian-matched to the student's (``detr_matched_kd``);
+- KD-DETR with general points only, specific points only, both (the full method), and both without the
+  foreground weighting.
+
+Every distilled run uses the schedule, seed and data order of its student-alone run; finished runs are
+reused, interrupted ones resume. Outputs under ``--out`` (default ``outputs/kd_detr_shapes``):
+``results.{json,md}``; a real run publishes ``experiments/results/kd_detr_shapes.{json,md}`` (notebook
+05 reads them). Targets: KD-DETR (both) >= student alone + 1.5 AP on the 3-seed mean, and above
+the inconsistent baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from any directory without installing kdlab
+    sys.path.insert(0, str(REPO))
+
+from kdlab.config import load_config  # noqa: E402
+from kdlab.data import build_dataset  # noqa: E402
+from kdlab.engine.experiment import (  # noqa: E402
+    cached_teacher_cost_ratio,
+    comparison_lines,
+    compute_matched_config,
+    ensure_shapes,
+    make_config,
+    mean_std,
+    parse_seeds_for,
+    relative_to,
+    results_table,
+    run,
+    run_fields,
+    seeds_per_row,
+    teacher_metrics,
+    write_results,
+)
+
+STUDENT_CONFIG = REPO / "configs" / "shapes_kd_detr_student.yaml"
+TEACHER_CHECKPOINT = REPO / "data" / "checkpoints" / "shapes_dab_detr_teacher.pt"
+TARGET_GAIN = 1.5
+
+# variant -> (label, distill, options replacing the config's); distill None: the student alone
+VARIANTS: dict[str, tuple[str, str | None, dict]] = {
+    "student": ("student alone", None, {}),
+    "compute_matched": ("student alone, trained 1 + r times as long (compute-matched)", None, {}),
+    "matched": ("inconsistent baseline: detection queries, Hungarian-matched predictions", "detr_matched_kd", {}),
+    "general": ("KD-DETR, general points only", "kd_detr", {"specific": False}),
+    "specific": ("KD-DETR, specific points only", "kd_detr", {"general": False}),
+    "kd_detr": ("KD-DETR, specific + general points, foreground weighting", "kd_detr", {}),
+    "kd_detr_unweighted": ("KD-DETR, specific + general points, no weighting", "kd_detr", {"weighting": False}),
+}
+DISTILLED = [v for v, (_, distill, _) in VARIANTS.items() if distill is not None]
+
+
+def variant_fields(variant: str, base_options: dict) -> dict:
+    _, distill, options = VARIANTS[variant]
+    if distill is None:
+        return {"distill": None, "distill_options": {}, "teacher_checkpoint": None, "teacher_config": None}
+    merged = {**base_options, **options} if distill == "kd_detr" else dict(options)
+    return {"distill": distill, "distill_options": merged, "teacher_checkpoint": str(TEACHER_CHECKPOINT)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds-for", nargs="+", default=[], metavar="ROW=S,S", dest="seeds_for_list",
+                        help="other seeds for one row, e.g. kd_detr_unweighted=0")
+    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch")
+    parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-workers", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    smoke = args.quick or args.max_iters is not None
+    if args.out is None:
+        args.out = REPO / "outputs" / ("kd_detr_shapes_quick" if smoke else "kd_detr_shapes")
+    try:  # --seeds-for ROW=S,S names a row; seeds_per_row looks rows up as "kd_detr/ROW"
+        args.seeds_for = {f"kd_detr/{k}": v for k, v in parse_seeds_for(args.seeds_for_list, set(VARIANTS)).items()}
+    except ValueError as err:
+        parser.error(str(err))
+    if not TEACHER_CHECKPOINT.is_file():
+        parser.error(f"teacher checkpoint {TEACHER_CHECKPOINT} does not exist: train it with "
+                     "`kdlab train configs/shapes_dab_detr_teacher.yaml` and copy its student.pt there")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    seeds = [args.seeds[0]] if args.quick else args.seeds
+    smoke = args.quick or args.max_iters is not None
+    common = run_fields(args.device, args.quick, args.max_iters, args.num_workers)
+    data_root = REPO / load_config(STUDENT_CONFIG).data_root
+    ensure_shapes(data_root)
+    common["data_root"] = str(data_root)
+    base = make_config(STUDENT_CONFIG, common)
+    eval_cfg = make_config(STUDENT_CONFIG, {**common, "distill": None, "distill_options": {}, "teacher_checkpoint": None})
+    teacher = teacher_metrics(eval_cfg, TEACHER_CHECKPOINT, args.out / "teacher_eval.json")
+    variants = [v for v in VARIANTS if v in args.variants]
+    row_seeds = seeds_per_row("kd_detr", variants, seeds, args.seeds_for, quick=args.quick)
+    ratio = None
+    if "compute_matched" in variants:
+        ratio = cached_teacher_cost_ratio(base, TEACHER_CHECKPOINT, args.out / "teacher_cost.json")
+        print(f"teacher forward / student step = {ratio:.2f}", flush=True)
+    train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size, max_size=base.max_size)
+    iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
+    runs: dict[str, dict[int, dict[str, float]]] = {v: {} for v in variants}
+    for seed in sorted({s for v in variants for s in row_seeds[v]}):
+        for variant in (v for v in variants if seed in row_seeds[v]):
+            fields = {**common, "seed": seed, "output_dir": str(args.out / variant / f"seed{seed}"),
+                      **variant_fields(variant, base.distill_options)}
+            cfg = make_config(STUDENT_CONFIG, fields)
+            if variant == "compute_matched":
+                cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
+            runs[variant][seed] = run(cfg)
+    labels = {v: VARIANTS[v][0] for v in VARIANTS}
+    note = " — SMOKE TEST, not a result" if smoke else ""
+    lines = results_table(f"DAB-DETR on shapes{note}", teacher, runs, labels)
+    if ratio is not None:
+        lines += ["", f"Teacher forward / student step, measured: r = {ratio:.2f}."]
+    lines += [""] + comparison_lines(runs, labels, [v for v in DISTILLED if v in runs])
+    if {"kd_detr", "student"} <= runs.keys():
+        gain = mean_std(runs["kd_detr"], ("AP",))["AP"][0] - mean_std(runs["student"], ("AP",))["AP"][0]
+        lines.append(f"- target, KD-DETR >= student alone + {TARGET_GAIN} AP: {'met' if gain >= TARGET_GAIN else 'NOT met'}")
+    if {"kd_detr", "matched"} <= runs.keys():
+        versus = mean_std(runs["kd_detr"], ("AP",))["AP"][0] - mean_std(runs["matched"], ("AP",))["AP"][0]
+        lines.append(f"- target, KD-DETR above the inconsistent baseline: {'met' if versus > 0 else 'NOT met'} ({versus:+.1f} AP)")
+    results = {"seeds": seeds, "smoke_test": smoke, "variants": labels, "teacher_checkpoint": relative_to(TEACHER_CHECKPOINT, REPO),
+               "teacher": teacher, "teacher_cost_ratio": ratio, "row_seeds": row_seeds, "runs": runs,
+               "table": {v: {m: list(c) for m, c in mean_std(r).items()} for v, r in runs.items()}}
+    write_results(results, ["\n".join(lines)], "KD-DETR experiment (shapes, quick CPU configurations)", args.out,
+                  "kd_detr_shapes", REPO, publish_to_repo=not smoke)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
