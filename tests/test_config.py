@@ -105,7 +105,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, text, expected):
     ({"teacher_weights": "COCO_V1"}, "needs teacher_model"),
     ({"teacher_model": "retinanet_resnet50_fpn_v2", "teacher_weights": "COCO_V1", "teacher_checkpoint": "t.pt"},
      "set one of them"),
-    ({"detector_options": {"backbone": "resnet18"}}, "detector_options may not set ['backbone']"),
+    ({"detector_options": {"backbone": "resnet18"}}, "detector_options ['backbone'] are model fields"),
 ])
 def test_invalid_values(values, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):
