@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class TrainConfig:
         reg_max, octave_base_scale, anchor_scale, weights: detector options (``weights``: zoo detectors' pretrained
         weights; ``octave_base_scale``: GFL's anchor side in strides, 8 for COCO-sized images).
         detector_options: extra keyword arguments of ``build_detector``, for detectors with options
-        beyond the fields above (e.g. DAB-DETR's ``num_queries``); merged into ``model_options()``.
+        beyond the fields above (e.g. DAB-DETR's ``num_queries``,
+        Faster R-CNN's ``box_batch_size_per_image``); merged into ``model_options()``.
     Optimisation:
         optimizer: ``"sgd"`` (momentum) or ``"adamw"``.
         lr: learning rate for ``base_batch_size`` images; scaled linearly to the real total batch.
@@ -57,8 +59,12 @@ class TrainConfig:
         grad_clip: max gradient norm, or ``None`` for no clipping.
         amp: bf16 autocast on CUDA (ignored on CPU).
     Distillation:
-        teacher_config: YAML of the teacher's model fields (``None``: read them from the checkpoint).
+        teacher_config: YAML of the teacher's model fields (``None``: read them from the checkpoint);
+            also names the config that trains the teacher in the error for a missing checkpoint.
         teacher_checkpoint: exported ``student.pt`` of the teacher.
+        teacher_model / teacher_weights: instead of a checkpoint, a torchvision COCO detector built in one
+            call, e.g. ``retinanet_resnet50_fpn_v2`` / ``COCO_V1`` (the file comes from
+            ``$TORCH_HOME/hub/checkpoints``); its 91 COCO slots are restricted to the dataset's classes.
         distill: a method of ``kdlab.distill.METHODS``, a combination ``"a+b"`` or a recipe of
             ``kdlab.distill.RECIPES`` (``None``: plain training).
         distill_options: keyword arguments of the method (of each method, keyed by name, for a
@@ -114,6 +120,8 @@ class TrainConfig:
     # distillation
     teacher_config: str | None = None
     teacher_checkpoint: str | None = None
+    teacher_model: str | None = None
+    teacher_weights: str | None = None
     distill: str | None = None
     distill_options: dict[str, Any] = field(default_factory=dict)
     # run
@@ -166,11 +174,22 @@ class TrainConfig:
             raise ConfigError(f"max_iters must be >= 1 or null, got {self.max_iters}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
-        clash = sorted(set(self.detector_options) & set(self.MODEL_OPTION_FIELDS))
+        clash = sorted(set(self.detector_options) & {"model", *self.MODEL_OPTION_FIELDS})
         if clash:
             raise ConfigError(f"detector_options {clash} are model fields: set them as top-level keys")
-        if self.distill is not None and self.teacher_checkpoint is None:
-            raise ConfigError(f"distill={self.distill!r} needs teacher_checkpoint (an exported student.pt)")
+        if self.distill is not None and self.teacher_checkpoint is None and self.teacher_model is None:
+            raise ConfigError(f"distill={self.distill!r} needs teacher_checkpoint (an exported student.pt) "
+                              f"or teacher_model + teacher_weights (a torchvision COCO detector)")
+        if self.teacher_model is not None:
+            if self.teacher_checkpoint is not None or self.teacher_config is not None:
+                raise ConfigError("teacher_model (a torchvision COCO detector) and teacher_checkpoint/teacher_config "
+                                  "(an exported student.pt) are two ways to give the teacher: set one of them")
+            if self.teacher_weights is None:
+                raise ConfigError(f"teacher_model={self.teacher_model!r} needs teacher_weights (e.g. COCO_V1): "
+                                  f"a randomly initialised teacher has nothing to teach")
+        elif self.teacher_weights is not None:
+            raise ConfigError(f"teacher_weights={self.teacher_weights!r} needs teacher_model (the torchvision detector "
+                              f"the weights belong to, e.g. retinanet_resnet50_fpn_v2)")
         if self.distill is None and self.distill_options:
             raise ConfigError(f"distill_options {self.distill_options} are given but distill is null, so nothing would "
                               f"use them; for the student alone also set distill_options={{}} "
@@ -300,6 +319,33 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     for override in overrides:
         _apply_override(values, override)
     return config_from_dict(values, source=str(path))
+
+
+def recipe_header(path: str | Path) -> dict[str, Any]:
+    """What a recipe's header comment says (``configs/coco_*.yaml``): its first line, the published
+    result it targets and the command that runs it.
+
+    A recipe's header has a line ``# Published: 42.1 AP, <what and where from>`` (``# Published: –``
+    when no number is published) and a line ``# Command: torchrun ...``.
+
+    Returns:
+        ``{"title", "published", "published_ap", "command"}``; ``published_ap`` is the first number of
+        the published line (``None`` without one), the others are strings (``""`` when absent).
+    """
+    header = {"title": "", "published": "", "published_ap": None, "command": ""}
+    for line in Path(path).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        text = line.lstrip("#").strip()
+        if not header["title"]:
+            header["title"] = text
+        for key in ("published", "command"):
+            prefix = f"{key.capitalize()}:"
+            if text.startswith(prefix) and not header[key]:
+                header[key] = text[len(prefix):].strip()
+    number = re.match(r"\s*(\d+(?:\.\d+)?)\s*AP", header["published"])
+    header["published_ap"] = float(number.group(1)) if number else None
+    return header
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

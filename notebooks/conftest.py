@@ -14,6 +14,7 @@ keep the fast kernels; a variable already set in the environment is left alone.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -40,3 +41,25 @@ def pytest_runtest_setup(item):
     # runs for the items of this directory only, before nbval's setup starts the notebook's kernel
     if pinning_requested():
         pin_cpu_numerics()
+
+
+# Outputs that depend on the shared data beside the repository (``../shared``: minicoco's real COCO images,
+# the docs' METHODS.md). A notebook that uses it runs without it too, on a generated stand-in, and says so;
+# its cells tagged ``kdlab-shared-data-output`` are then executed but not compared verbatim (their stored
+# outputs were made with ``../shared`` present, as CI has it). Their own asserts still run.
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DATA_TAG = "kdlab-shared-data-output"
+SHARED_FILES = (SHARED / "data" / "minicoco" / "annotations" / "instances_val2017.json", SHARED / "docs" / "METHODS.md")
+
+
+def shared_data_present() -> bool:
+    return all(path.is_file() for path in SHARED_FILES)
+
+
+def pytest_collection_modifyitems(config, items):
+    if shared_data_present():
+        return
+    for item in items:
+        cell, options = getattr(item, "cell", None), getattr(item, "options", None)
+        if isinstance(options, dict) and cell is not None and SHARED_DATA_TAG in cell.get("metadata", {}).get("tags", []):
+            options["check"] = False

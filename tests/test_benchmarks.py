@@ -48,3 +48,34 @@ def test_gid_terms_alone_stop_at_the_student_outputs():
     from kdlab.distill.gism import select_general_instances
     assert gid_module.select_general_instances is select_general_instances
     assert "forward" not in vars(gid.adapter)
+
+
+def test_bench_gpu_runs_on_cpu_and_says_no_gpu_is_present(capsys):
+    """The GPU benchmark's machinery at 96 px on the CPU: a kdlab teacher (self-LD) and a torchvision one (DRKD)."""
+    bench = load_benchmark("bench_gpu")
+    rows = bench.main(["--device", "cpu", "--size", "96", "--warmup", "0", "--iters", "1",
+                       "--configs", "coco_self_ld_gfl_r18_1x", "coco_drkd_retinanet_r50_2x"])
+    out = capsys.readouterr().out
+    assert "NOTE: no GPU in use" in out and "MFU is not computed" in out
+    assert [r["config"] for r in rows] == ["coco_self_ld_gfl_r18_1x", "coco_drkd_retinanet_r50_2x"]
+    for row in rows:
+        assert row["student_img_s"] > 0 and row["distilled_img_s"] > 0 and 0 < row["teacher_share"] < 1
+        # the distilled step counts the student's forward + backward and the teacher's forward, at least
+        assert row["distilled_tflop_per_step"] > row["student_tflop_per_step"]
+        assert row["distilled_tflop_per_step"] >= row["student_tflop_per_step"] + 0.99 * row["teacher_tflop_per_forward"]
+        assert row["student_mfu"] is None and row["distilled_mfu"] is None
+    assert "| coco_drkd_retinanet_r50_2x | 2 x 96x96 |" in out
+
+
+def test_bf16_peaks_match_the_longest_device_name():
+    bench = load_benchmark("bench_gpu")
+    from unittest import mock
+
+    cuda = torch.device("cuda", 0)
+    for name, peak in [("NVIDIA H200", 989.0), ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                       ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10", 125.0), ("NVIDIA L40S", 362.0),
+                       ("NVIDIA L4", 121.0), ("Tesla V100-SXM2-16GB", None)]:
+        with mock.patch.object(torch.cuda, "get_device_name", return_value=name):
+            assert bench.bf16_peak_tflops(cuda) == peak, name
+    assert bench.bf16_peak_tflops(torch.device("cpu")) is None
+    assert bench.bf16_peak_tflops(torch.device("cpu"), override=100.0) == 100.0

@@ -35,6 +35,19 @@ def test_model_options_are_the_non_none_model_fields():
     assert cfg.model_options() == {"backbone": "resnet18", "backbone_width": 16, "backbone_norm": "gn", "reg_max": 8}
 
 
+def test_detector_options_join_the_model_options(tmp_path):
+    cfg = TrainConfig(model="faster_rcnn", backbone="resnet50", detector_options={"box_batch_size_per_image": 512})
+    assert cfg.model_options() == {"backbone": "resnet50", "box_batch_size_per_image": 512}
+    path = write(tmp_path, "model: faster_rcnn\ndetector_options: {rpn_post_nms_top_n_train: 2000}\n")
+    cfg = load_config(path, ["detector_options.box_batch_size_per_image=512"])
+    assert cfg.detector_options == {"rpn_post_nms_top_n_train": 2000, "box_batch_size_per_image": 512}
+
+
+def test_a_torchvision_teacher_needs_no_checkpoint():
+    cfg = TrainConfig(distill="gid", teacher_model="retinanet_resnet50_fpn_v2", teacher_weights="COCO_V1")
+    assert cfg.teacher_checkpoint is None and cfg.teacher_model == "retinanet_resnet50_fpn_v2"
+
+
 def test_load_save_round_trip(tmp_path):
     path = write(tmp_path, "data_root: data/x\nlr: 0.02\nlr_steps: [1, 2]\ndistill: ld\nteacher_checkpoint: t.pt\n"
                            "distill_options: {temperature: 10, vlr_weighting: iou}\ngrad_clip: 35\n")
@@ -88,6 +101,11 @@ def test_wrong_type_names_key_and_expected_type(tmp_path, text, expected):
     ({"device": "gpu"}, "device must be"),
     ({"warmup_ratio": 0.0}, "warmup_ratio must be in (0, 1]"),
     ({"distill": "ld"}, "needs teacher_checkpoint"),
+    ({"distill": "gid", "teacher_model": "retinanet_resnet50_fpn_v2"}, "needs teacher_weights"),
+    ({"teacher_weights": "COCO_V1"}, "needs teacher_model"),
+    ({"teacher_model": "retinanet_resnet50_fpn_v2", "teacher_weights": "COCO_V1", "teacher_checkpoint": "t.pt"},
+     "set one of them"),
+    ({"detector_options": {"backbone": "resnet18"}}, "detector_options ['backbone'] are model fields"),
 ])
 def test_invalid_values(values, expected):
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace("[", r"\[")):

@@ -2,7 +2,8 @@
 
 ``build_task`` returns a :class:`~kdlab.models.base.DetectionTask` around the detector, or, when
 ``cfg.distill`` is set, the :class:`~kdlab.distill.DistillationTask` of ``kdlab.distill.build_distillation``
-with the teacher loaded from its exported checkpoint.
+with the teacher loaded from its exported checkpoint or, with ``cfg.teacher_model``, built with
+torchvision's COCO weights in one call.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from kdlab.engine.distributed import DistContext
 from kdlab.engine.sampler import ResumableBatchSampler
 from kdlab.models import build_detector
 from kdlab.models.base import DetectionTask, Detector
+from kdlab.models.weights import coco91_columns
 
 
 def build_datasets(cfg: TrainConfig, *, check_images: bool = False, skip_bad_images: bool = False,
@@ -120,11 +122,36 @@ def check_teacher_checkpoint(cfg: TrainConfig) -> None:
     raise CheckpointError(f"teacher_checkpoint {path} does not exist: {how}")
 
 
-def build_teacher(cfg: TrainConfig, num_classes: int) -> Detector:
-    """The frozen teacher: its architecture from ``cfg.teacher_config`` (or, if unset, from the
-    checkpoint itself) and its weights from ``cfg.teacher_checkpoint`` (an exported ``student.pt``)."""
+def build_teacher(cfg: TrainConfig, num_classes: int, label_to_cat_id: list[int] | None = None) -> Detector:
+    """The frozen teacher, in ``eval()`` mode, from one of:
+
+    - ``cfg.teacher_model`` + ``cfg.teacher_weights``: a torchvision COCO detector in one call
+      (``build_detector("retinanet_resnet50_fpn_v2", 91, weights="COCO_V1")``), its 91 COCO slots
+      restricted to the dataset's classes by category id (``label_to_cat_id``, contiguous label ->
+      COCO category id); the weights file is read from ``$TORCH_HOME/hub/checkpoints``;
+    - ``cfg.teacher_checkpoint``: an exported ``student.pt``, its architecture from ``cfg.teacher_config``
+      (or, if unset, from the checkpoint itself).
+
+    Raises:
+        CheckpointError: the checkpoint is missing (the message names the file and the command that
+            trains it, :func:`check_teacher_checkpoint`), corrupt, or does not fit.
+        WeightsUnavailableError: the torchvision weights file is neither cached nor downloadable
+            (the message names the file and where to put it).
+    """
+    if cfg.teacher_model is not None:
+        if label_to_cat_id is None:
+            raise ValueError(f"teacher_model={cfg.teacher_model!r} predicts torchvision's 91 COCO slots: the dataset's "
+                             f"category ids (label_to_cat_id) are needed to keep its {num_classes} classes")
+        try:
+            columns = coco91_columns(label_to_cat_id)  # [num_classes], the COCO slot of each label
+        except ValueError as err:
+            raise ValueError(f"teacher_model={cfg.teacher_model!r} is a COCO detector, but {cfg.data_root}: {err}") from None
+        teacher = build_detector(cfg.teacher_model, None, weights=cfg.teacher_weights)
+        teacher.restrict_classes_(columns)
+        return teacher.eval()
     if cfg.teacher_checkpoint is None:
-        raise ValueError(f"distill={cfg.distill!r} needs teacher_checkpoint (the teacher's exported student.pt)")
+        raise ValueError(f"distill={cfg.distill!r} needs teacher_checkpoint (the teacher's exported student.pt) "
+                         f"or teacher_model + teacher_weights")
     check_teacher_checkpoint(cfg)
     if cfg.teacher_config is None:
         teacher = load_detector(cfg.teacher_checkpoint)
@@ -147,13 +174,14 @@ def build_teacher(cfg: TrainConfig, num_classes: int) -> Detector:
     return teacher.eval()
 
 
-def build_task(cfg: TrainConfig, num_classes: int) -> nn.Module:
+def build_task(cfg: TrainConfig, num_classes: int, label_to_cat_id: list[int] | None = None) -> nn.Module:
     """What the engine trains: ``DetectionTask(student)``, or the distillation named by ``cfg.distill``
     (a method, ``"a+b"`` or a recipe; :func:`kdlab.distill.method_options`).
 
     Each method's options are checked against its signature first (:func:`check_distill_options`);
     a ``ValueError`` of a method (e.g. a teacher it cannot distil) is re-raised as a
-    :class:`~kdlab.config.ConfigError` naming ``distill``.
+    :class:`~kdlab.config.ConfigError` naming ``distill``. ``label_to_cat_id`` (the dataset's category
+    id of each label) is needed by a ``teacher_model`` teacher.
     """
     checked = {}
     if cfg.distill is not None:
@@ -165,7 +193,7 @@ def build_task(cfg: TrainConfig, num_classes: int) -> nn.Module:
     student = build_student(cfg, num_classes)
     if cfg.distill is None:
         return DetectionTask(student)
-    teacher = build_teacher(cfg, num_classes)
+    teacher = build_teacher(cfg, num_classes, label_to_cat_id)
     try:
         return DistillationTask(student, teacher, [METHODS[name](student, teacher, **kwargs) for name, kwargs in checked.items()])
     except ConfigError:

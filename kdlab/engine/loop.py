@@ -100,7 +100,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, output_dir: Path, *, resume: bool
            progress: bool) -> dict[str, float | None]:
     seed_everything(cfg.seed, cfg.deterministic, ctx.device)
     train_set, val_set = build_datasets(cfg, check_images=True, skip_bad_images=skip_bad_images, announce=ctx.is_main)
-    task = build_task(cfg, train_set.num_classes).to(ctx.device)
+    task = build_task(cfg, train_set.num_classes, getattr(train_set, "label_to_cat_id", None)).to(ctx.device)
     train_loader = build_loader(train_set, cfg, ctx, train=True)
     val_loader = build_loader(val_set, cfg, ctx, train=False)
     iters_per_epoch = train_loader.batch_sampler.batches_per_epoch()
