@@ -22,7 +22,7 @@ ROI_ALIGN_IMPLS = ("auto", "separable", "torchvision")
 # "auto": kdlab's separable RoIAlign on CPU maps up to this many cells, torchvision's above and on GPU
 # (benchmarks/bench_roi_align.py: the separable one is several times faster on small maps on CPU, its cost
 # grows with H * W per box while torchvision's does not)
-SEPARABLE_MAX_CELLS = 48 * 48
+SEPARABLE_MAX_CELLS = 64 * 64  # benchmarks/results/roi_align_cpu.md: separable wins up to 64², loses from 100²
 
 
 def check_teacher_student(student: nn.Module, teacher: nn.Module, method: str,
