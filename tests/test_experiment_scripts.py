@@ -161,3 +161,17 @@ def test_ld_calibration_and_gid_terms_smoke_tests(tiny_shapes, tmp_path):
     assert results["mean"]["detection"]["cos detection (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
     assert results["mean"]["loss_gid_feature"]["cos feature term (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
     assert results["mean"]["loss_gid_relation"]["grad norm head"] == 0.0  # it reaches the backbone and FPN only
+
+
+def test_a_partial_selection_is_named_and_never_published():
+    import argparse
+
+    from kdlab.engine.experiment import partial_selection
+
+    labels = {"student": "student alone", "ld": "LD"}
+    full = argparse.Namespace(variants=["ld", "student"], seeds_for_list=[])
+    assert partial_selection(full, labels) == ""
+    rows = argparse.Namespace(variants=["ld"], seeds_for_list=[])
+    assert partial_selection(rows, labels) == "--variants ld"
+    seeds = argparse.Namespace(variants=["student", "ld"], seeds_for_list=["shapes/ld=0"])
+    assert partial_selection(seeds, labels) == "--seeds-for shapes/ld=0"

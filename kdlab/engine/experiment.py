@@ -382,8 +382,23 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
         part["seeds"] = chosen
         sections.append(markdown(group, part, note))
         atomic_save_json(results, args.out / "results.json")
-    write_results(results, sections, title, args.out, name, repo, not args.smoke)
+    partial = partial_selection(args, labels)
+    if partial and not args.smoke:
+        print(f"a partial selection ({partial}): results in {args.out}; experiments/results/{name}.* not changed "
+              "(a run of every row with the default seeds publishes)", flush=True)
+    write_results(results, sections, title, args.out, name, repo, not args.smoke and not partial)
     return results
+
+
+def partial_selection(args: argparse.Namespace, labels: dict[str, str]) -> str:
+    """What restricts a run to part of its experiment (``--variants``, ``--seeds-for``), or ``""``: a
+    partial run must not overwrite the published tables."""
+    reasons = []
+    if set(getattr(args, "variants", labels)) != set(labels):
+        reasons.append("--variants " + " ".join(args.variants))
+    if getattr(args, "seeds_for_list", None):
+        reasons.append("--seeds-for " + " ".join(args.seeds_for_list))
+    return ", ".join(reasons)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, name: str, repo: Path) -> None:
