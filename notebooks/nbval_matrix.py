@@ -3,6 +3,7 @@
     python notebooks/nbval_matrix.py                      # the pairwise matrix, every notebook
     python notebooks/nbval_matrix.py --matrix full        # all 24 combinations
     python notebooks/nbval_matrix.py notebooks/00_quickstart.ipynb --matrix pairwise
+    python notebooks/nbval_matrix.py notebooks/04_*.ipynb --only 1 2   # notebooks first, then the settings
 
 PyTorch, oneDNN and MKL pick their kernels by CPU, so the same seeded run gives different last bits on
 another machine. This script emulates other machines on this one by forcing the choices:
