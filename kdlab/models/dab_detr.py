@@ -103,23 +103,14 @@ class DABDETR(Detector):
     def __init__(
         self,
         num_classes: int,
-        backbone: str = "resnet50",
-        backbone_width: int = 64,
-        backbone_weights: str | None = None,
-        backbone_norm: str = "frozen_bn",
-        frozen_stages: int | None = None,
-        feature_level: str = "C5",
-        hidden_dim: int = 256,
-        num_queries: int = 300,
-        enc_layers: int = 6,
-        dec_layers: int = 6,
-        num_heads: int = 8,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.0,
-        activation: str = "prelu",
-        pe_temperature: float = 20.0,
-        prior_prob: float = 0.01,
-        detections_per_img: int = 100,
+        # the ResNet and the map the transformer reads
+        backbone: str = "resnet50", backbone_width: int = 64, backbone_weights: str | None = None,
+        backbone_norm: str = "frozen_bn", frozen_stages: int | None = None, feature_level: str = "C5",
+        # the transformer
+        hidden_dim: int = 256, num_queries: int = 300, enc_layers: int = 6, dec_layers: int = 6, num_heads: int = 8,
+        dim_feedforward: int = 2048, dropout: float = 0.0, activation: str = "prelu", pe_temperature: float = 20.0,
+        # the heads and the output
+        prior_prob: float = 0.01, detections_per_img: int = 100,
     ):
         super().__init__()
         checks = {"num_classes": num_classes, "num_queries": num_queries, "enc_layers": enc_layers,
