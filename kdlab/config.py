@@ -148,6 +148,17 @@ class TrainConfig:
         fields = {name: getattr(self, name) for name in self.MODEL_OPTION_FIELDS if getattr(self, name) is not None}
         return {**fields, **self.detector_options}
 
+    @classmethod
+    def field_defaults(cls) -> dict[str, Any]:
+        """``{field: default}`` for the fields that have one (a fresh copy of mutable defaults)."""
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (only str/int/float/bool/None/list/dict), e.g. for checkpoints."""
         return dataclasses.asdict(self)

@@ -403,6 +403,22 @@ def test_resume_with_a_changed_config_warns(baseline, tiny_shapes, tmp_path):
     assert (tmp_path / "eval_final.json").is_file() and (tmp_path / "student.pt").is_file()
 
 
+@pytest.mark.slow
+def test_resume_a_checkpoint_from_before_a_field_existed(baseline, tiny_shapes, tmp_path):
+    # last.pt written by a kdlab without `detector_options`: the missing field is its default, not a change
+    state = safe_load(baseline[0] / "last.pt")
+    del state["config"]["detector_options"]
+    torch.save(state, tmp_path / "last.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        quiet_train(tiny_config(tiny_shapes, tmp_path), resume=True)
+    state["config"]["detector_options"] = {"unused": 1}  # a real difference still warns
+    (tmp_path / "again").mkdir()
+    torch.save(state, tmp_path / "again" / "last.pt")
+    with pytest.warns(UserWarning, match=r"differs in \['detector_options'\]"):
+        quiet_train(tiny_config(tiny_shapes, tmp_path / "again"), resume=True)
+
+
 def test_non_finite_loss_names_iteration_epoch_and_terms(tiny_shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(kdlab.engine.build, "build_detector", lambda name, num_classes, **o: TinyDetector(num_classes, nan_at_call=6))
     with pytest.raises(FloatingPointError, match=r"iteration 6 \(epoch 1, batch 1\): total=nan, loss_box=[0-9.]+, loss_cls=nan"):

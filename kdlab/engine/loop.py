@@ -229,7 +229,9 @@ def _rng_state(device: torch.device) -> dict[str, Tensor]:
 def _restore(state: dict[str, Any], task: nn.Module, optimizer, scheduler, cfg: TrainConfig, ctx: DistContext,
              path: Path) -> None:
     """Load weights, optimiser/scheduler state and this rank's RNG state from ``last.pt``."""
-    changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and state["config"].get(k) != v)
+    # a field the checkpoint's kdlab did not have yet counts as its default (the config it trained with)
+    saved = {**TrainConfig.field_defaults(), **state["config"]}
+    changed = sorted(k for k, v in cfg.to_dict().items() if k not in RESUME_FREE_KEYS and saved.get(k) != v)
     if changed and ctx.is_main:
         warnings.warn(f"resuming {path} with a config that differs in {changed}; the run will not "
                       f"match an uninterrupted one", stacklevel=3)
