@@ -108,8 +108,18 @@ def draw_on_image(image, detections: dict, class_names: Sequence[str], *, line_w
     return image
 
 
-def show_image(ax: Axes, image: Tensor, title: str | None = None) -> None:
-    ax.imshow(to_numpy_image(image))
+def show_image(ax: Axes, image: Tensor, title: str | None = None, *, muted: bool = False) -> None:
+    """Show a ``[3, H, W]`` image tensor on ``ax`` (axis off, optional title).
+
+    ``muted``: draw it in mid grey (``0.3 + 0.5 * luminance``, 32 levels) as a background for coloured
+    overlays: any colour stands out on it, and a stored figure of photos stays small.
+    """
+    array = to_numpy_image(image)
+    if muted:
+        grey = np.round((0.3 + 0.5 * array.mean(axis=-1)) * 32) / 32
+        ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0)
+    else:
+        ax.imshow(array)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)

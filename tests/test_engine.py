@@ -508,3 +508,29 @@ def test_engine_predict_stays_the_batch_function_after_detector_predict():
     build_detector("gfl", 2, backbone="resnet18", backbone_width=8, fpn_channels=16, head_convs=1).predict(
         [torch.zeros(3, 32, 32)], min_size=32, max_size=32)  # imports the inference module lazily
     assert kdlab.engine.predict is batch_predict  # not shadowed by a submodule of the same name
+
+
+def test_published_parts_reads_every_layout():
+    from kdlab.engine.experiment import ap_by_seed, published_parts
+
+    runs = {"student": {"0": {"AP": 0.1}, "1": {"AP": 0.2}}, "ld": {"0": {"AP": None}}}
+    for key in ("settings", "datasets", "families"):
+        parts = published_parts({key: {"shapes": {"title": "t", "runs": runs}}})
+        assert parts["shapes"]["title"] == "t"
+        assert parts["shapes"]["runs"]["student"] == {0: {"AP": 0.1}, 1: {"AP": 0.2}}
+        assert ap_by_seed(parts["shapes"]["runs"]["student"]) == {0: 10.0, 1: 20.0}
+        assert ap_by_seed(parts["shapes"]["runs"]["ld"]) == {}
+    assert published_parts({}) == {}
+
+
+def test_paired_differences_and_their_reading():
+    from kdlab.engine.experiment import describe_difference, paired_ap_differences
+
+    runs = {"a": {0: {"AP": 0.10}, 1: {"AP": 0.12}, 2: {"AP": 0.11}}, "b": {0: {"AP": 0.08}, 1: {"AP": 0.09}}}
+    diffs = paired_ap_differences(runs, "a", "b")
+    assert list(diffs) == [0, 1] and abs(diffs[0] - 2.0) < 1e-9 and abs(diffs[1] - 3.0) < 1e-9
+    assert describe_difference(diffs, noise=0.5) == "+2.5 AP, better on 2 of 2 seeds (+2.0, +3.0)"
+    assert describe_difference(diffs, noise=3.0).endswith("within the seed spread, no effect resolved")
+    assert describe_difference({0: 2.0, 1: -1.0}, noise=0.1).endswith("the sign changes between seeds")
+    assert describe_difference({0: 0.2, 1: -0.2, 2: -0.1}).endswith("no effect resolved")  # noise: their own std
+    assert "one seed" in describe_difference({0: -5.0}, noise=0.0)

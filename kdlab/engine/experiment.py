@@ -460,3 +460,48 @@ def publish(results: dict, text: str, name: str, repo: Path) -> Path:
     (published / f"{name}.md").write_text(text)
     print(f"published to {published}/{name}.{{json,md}}")
     return published
+
+
+def published_parts(results: dict) -> dict[str, dict]:
+    """The per-setting parts of a published experiment JSON (``experiments/results/<name>.json``), for readers.
+
+    Returns ``{setting: part}`` from the ``settings`` key (``datasets`` or ``families`` in the files of older
+    scripts), each part's ``runs`` re-keyed ``{row: {int seed: metrics}}`` (JSON stores the seeds as
+    strings); every other field of a part is kept as published.
+    """
+    parts = results.get("settings") or results.get("datasets") or results.get("families") or {}
+    return {name: {**part, "runs": {row: {int(seed): metrics for seed, metrics in by_seed.items()}
+                                    for row, by_seed in part.get("runs", {}).items()}}
+            for name, part in parts.items()}
+
+
+def ap_by_seed(by_seed: dict[int, dict[str, float | None]], metric: str = "AP") -> dict[int, float]:
+    """``{seed: metric in %}`` of one row's runs, leaving out seeds where the metric is undefined."""
+    return {seed: 100 * m[metric] for seed, m in sorted(by_seed.items()) if m.get(metric) is not None}
+
+
+def paired_ap_differences(runs: dict[str, dict[int, dict]], row: str, base: str, metric: str = "AP") -> dict[int, float]:
+    """``{seed: metric(row) - metric(base)}`` in % over the seeds both rows ran (a paired comparison: each seed
+    shares its initialisation and data order between rows)."""
+    a, b = ap_by_seed(runs[row], metric), ap_by_seed(runs[base], metric)
+    return {seed: a[seed] - b[seed] for seed in sorted(set(a) & set(b))}
+
+
+def describe_difference(diffs: dict[int, float], noise: float | None = None) -> str:
+    """A plain-words reading of paired differences (:func:`paired_ap_differences`): the mean, on how many
+    seeds it is positive, each seed's value, and whether the mean is resolved — larger than ``noise`` (AP
+    points; default: the sample std of the differences themselves) — and of one sign on every seed. One
+    seed: no spread, said so."""
+    mean = statistics.mean(diffs.values())
+    if len(diffs) == 1:
+        return f"{mean:+.1f} AP (one seed: no spread measured, suggestive at most)"
+    if noise is None:
+        noise = statistics.stdev(diffs.values())
+    better = sum(d > 0 for d in diffs.values())
+    text = (f"{mean:+.1f} AP, better on {better} of {len(diffs)} seeds "
+            f"({', '.join(f'{d:+.1f}' for d in diffs.values())})")
+    if abs(mean) <= noise:
+        return text + ": within the seed spread, no effect resolved"
+    if 0 < better < len(diffs):
+        return text + ": the sign changes between seeds"
+    return text
