@@ -36,7 +36,6 @@ teacher, FPN 256, 2 images of 800 x 800 (as in the paper; meant for a GPU).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import statistics
@@ -47,8 +46,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from any directory without installing kdlab
-    sys.path.insert(0, str(REPO))
+for path in (REPO, REPO / "benchmarks"):  # run as a script from any directory without installing kdlab
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
 
 import kdlab.distill.gid as gid_module  # noqa: E402
 from kdlab.distill.base import DistillationTask  # noqa: E402
@@ -56,9 +56,9 @@ from kdlab.models.base import DetectionTask  # noqa: E402
 from kdlab.distill.gid import GID  # noqa: E402
 from kdlab.models.base import weighted_total  # noqa: E402
 from kdlab.models.students import faster_rcnn, fcos, retinanet  # noqa: E402
+from overhead_common import NUM_CLASSES, cut_from_graph, make_batch, overhead_summary, rotating_times, timed  # noqa: E402
 
 BUILDERS = {"retinanet": retinanet, "fcos": fcos, "faster_rcnn": faster_rcnn}
-NUM_CLASSES = 8
 # scale -> (student options, teacher options, batch size, image side)
 SCALES = {
     "quick": (dict(backbone="resnet18", backbone_width=16, backbone_norm="gn", fpn_channels=32),
@@ -69,46 +69,10 @@ SCALES = {
 TARGET = 0.10
 
 
-def make_batch(batch: int, size: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, list[dict]]:
-    """A normalised-looking batch and 3-6 random boxes per image (kdlab's batch format)."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(batch, 3, size, size, generator=generator)
-    targets = []
-    for _ in range(batch):
-        count = int(torch.randint(3, 7, (1,), generator=generator))
-        xy = torch.rand(count, 2, generator=generator) * size * 0.6
-        wh = size * 0.05 + torch.rand(count, 2, generator=generator) * size * 0.35
-        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1).to(device),
-                        "labels": torch.randint(0, NUM_CLASSES, (count,), generator=generator).to(device),
-                        "size": torch.tensor([size, size])})
-    return images.to(device), targets
-
-
-def timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 # the functions of kdlab.distill.gid that make up GID's terms, timed one by one (forward only)
 STAGES = {"GISM": "select_general_instances", "RoIAlign (both)": "pool_fpn_boxes",
           "feature loss": "gi_feature_loss", "relation loss": "gi_relation_loss_groups",
           "response mask": "response_mask", "response losses": ("response_cls_loss", "response_reg_loss")}
-
-
-def cut_from_graph(output):
-    """A copy of a detector output whose FPN maps and head outputs are fresh leaves that need grad:
-    a backward from GID's terms then stops there (the student's own backward is not GID's cost)."""
-    changes = {"features": [f.detach().requires_grad_(True) for f in output.features]}
-    for name in ("cls_logits", "box_regression", "rpn_objectness", "rpn_deltas"):
-        value = getattr(output, name, None)
-        if isinstance(value, torch.Tensor):
-            changes[name] = value.detach().requires_grad_(True)
-    return dataclasses.replace(output, **changes)
 
 
 def staged_forward(gid: GID, student_out, teacher_out, targets, device: torch.device) -> dict[str, float]:
@@ -179,18 +143,8 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
         weighted_total(gid_task(images, targets), gid_task.weight_dict).backward()
 
     steps = {"student": student_step, "student+teacher": student_teacher_step, "gid": gid_step}
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for repeat in range(warmup + repeats):
-        order = names[repeat % 3:] + names[: repeat % 3]  # rotate which step runs first
-        for name in order:
-            torch.manual_seed(repeat)  # Faster R-CNN samples anchors and RoIs
-            elapsed = timed(steps[name], device)
-            student.zero_grad(set_to_none=True)
-            gid.zero_grad(set_to_none=True)
-            if repeat >= warmup:
-                times[name].append(elapsed)
-    overheads = [(g - st) / s for s, st, g in zip(times["student"], times["student+teacher"], times["gid"])]
+    times = rotating_times(steps, device, repeats, warmup, [student, gid])
+    summary = overhead_summary(times, "gid")
 
     # GID's terms alone, forward + backward, on outputs cut from the networks' graphs
     with torch.no_grad():
@@ -207,12 +161,10 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
             terms_alone.append(elapsed)
             stages.append(staged)
     fastest = min(range(len(terms_alone)), key=terms_alone.__getitem__)
-    student_min = min(times["student"])
     return {"family": family, "scale": scale, "device": str(device), "batch": batch, "image_size": size,
-            "median_s": {name: statistics.median(v) for name, v in times.items()},
-            "overhead": statistics.median(overheads), "overheads": overheads, "target": TARGET,
-            "terms_alone_s": min(terms_alone), "student_min_s": student_min,
-            "terms_share": min(terms_alone) / student_min,
+            "median_s": summary["median_s"], "overhead": summary["overhead"], "overheads": summary["overheads"],
+            "target": TARGET, "terms_alone_s": min(terms_alone), "student_min_s": summary["student_min_s"],
+            "terms_share": min(terms_alone) / summary["student_min_s"],
             "stages_forward_s": {name: statistics.median(st.get(name, 0.0) for st in stages)
                                  for name in [*STAGES, "adapter", "all terms"]},
             "fastest_terms_forward_s": stages[fastest]["all terms"]}

@@ -79,3 +79,50 @@ def test_bf16_peaks_match_the_longest_device_name():
             assert bench.bf16_peak_tflops(cuda) == peak, name
     assert bench.bf16_peak_tflops(torch.device("cpu")) is None
     assert bench.bf16_peak_tflops(torch.device("cpu"), override=100.0) == 100.0
+
+
+def test_drkd_terms_alone_train_drkd_modules_and_not_the_student():
+    bench = load_benchmark("bench_drkd_overhead")
+    from kdlab.distill.drkd import DRKD
+    from kdlab.models.base import weighted_total
+
+    torch.manual_seed(0)
+    small = dict(backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=16, head_convs=1)
+    student = bench.retinanet(bench.NUM_CLASSES, **small)
+    teacher = bench.retinanet(bench.NUM_CLASSES, **{**small, "fpn_channels": 32}).eval().requires_grad_(False)
+    drkd = DRKD(student, teacher, num_nodes=4, num_state=8).train()
+    images, targets = bench.make_batch(2, 64, torch.device("cpu"))
+    sizes = [(64, 64)] * 2
+    with torch.no_grad():
+        teacher_out = teacher(images, sizes)
+    student_out = bench.cut_from_graph(student(images, sizes, targets))
+    weighted_total(drkd(student_out, teacher_out, targets), drkd.weight_dict).backward()
+    # the backward reached the cut FPN maps and DRKD's own modules (both networks' units), nothing of the networks
+    assert student_out.features[0].grad is not None
+    assert all(p.grad is not None for p in drkd.student_graph_units.parameters() if p.requires_grad)
+    assert any(p.grad is not None for p in drkd.teacher_graph_units.parameters())
+    assert all(p.grad is None for p in student.parameters()) and all(p.grad is None for p in teacher.parameters())
+    times = bench.drkd_terms_alone(drkd, student, teacher, images, sizes, targets, torch.device("cpu"), repeats=2, warmup=1)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert all(p.grad is None for p in drkd.parameters())  # cleared after each repeat
+
+
+def test_kd_detr_passes_alone_decode_what_the_forward_decodes():
+    bench = load_benchmark("bench_kd_detr_overhead")
+    from kdlab.models import build_detector
+
+    torch.manual_seed(0)
+    options = dict(backbone="resnet18", backbone_width=8, backbone_norm="gn", feature_level="C4", hidden_dim=16,
+                   num_queries=5, enc_layers=1, dec_layers=2, num_heads=2, dim_feedforward=32)
+    model = build_detector("dab_detr", bench.NUM_CLASSES, **options).eval()
+    images, _ = bench.make_batch(2, 64, torch.device("cpu"))
+    sizes = [(64, 64), (64, 48)]  # the second image padded: the mask matters
+    anchors = torch.randn(7, 4)
+    with torch.no_grad():
+        out = model(images, sizes, extra_queries={"points": anchors})
+        pos, mask = bench.memory_inputs(model, out, sizes)
+        alone = model.decode(out.memory, pos, mask, anchors.expand(2, -1, -1))
+    # the benchmark's separate passes compute exactly the forward's extra pass
+    assert torch.equal(alone.layer_boxes, out.extra["points"].layer_boxes)
+    assert torch.equal(alone.layer_logits, out.extra["points"].layer_logits)
+    assert mask[1].any() and not mask[0].any()
