@@ -46,6 +46,7 @@ from kdlab.engine.experiment import (  # noqa: E402
     make_config,
     mean_std,
     parse_seeds_for,
+    partial_selection,
     relative_to,
     results_table,
     run,
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="other seeds for one row, e.g. kd_detr_unweighted=0")
     parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch")
     parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
+    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the config's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -110,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [args.seeds[0]] if args.quick else args.seeds
     smoke = args.quick or args.max_iters is not None
     common = run_fields(args.device, args.quick, args.max_iters, args.num_workers)
-    data_root = REPO / load_config(STUDENT_CONFIG).data_root
-    ensure_shapes(data_root)
+    data_root = args.data_root or REPO / load_config(STUDENT_CONFIG).data_root
+    if args.data_root is None:
+        ensure_shapes(data_root)  # the default set is generated when missing, never overwritten
     common["data_root"] = str(data_root)
     base = make_config(STUDENT_CONFIG, common)
     eval_cfg = make_config(STUDENT_CONFIG, {**common, "distill": None, "distill_options": {}, "teacher_checkpoint": None})
@@ -145,11 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     if {"kd_detr", "matched"} <= runs.keys():
         versus = mean_std(runs["kd_detr"], ("AP",))["AP"][0] - mean_std(runs["matched"], ("AP",))["AP"][0]
         lines.append(f"- target, KD-DETR above the inconsistent baseline: {'met' if versus > 0 else 'NOT met'} ({versus:+.1f} AP)")
-    results = {"seeds": seeds, "smoke_test": smoke, "variants": labels, "teacher_checkpoint": relative_to(TEACHER_CHECKPOINT, REPO),
-               "teacher": teacher, "teacher_cost_ratio": ratio, "row_seeds": row_seeds, "runs": runs,
-               "table": {v: {m: list(c) for m, c in mean_std(r).items()} for v, r in runs.items()}}
+    # one part, "dab_detr", in the layout of the other experiments (kdlab.engine.experiment.published_parts reads it)
+    part = {"teacher_checkpoint": relative_to(TEACHER_CHECKPOINT, REPO), "teacher": teacher, "teacher_cost_ratio": ratio,
+            "seeds": row_seeds, "runs": runs, "table": {v: {m: list(c) for m, c in mean_std(r).items()} for v, r in runs.items()}}
+    results = {"seeds": seeds, "smoke_test": smoke, "variants": labels, "families": {"dab_detr": part}}
+    partial = partial_selection(args, labels)
+    if partial and not smoke:
+        print(f"a partial selection ({partial}): results in {args.out}; experiments/results/kd_detr_shapes.* not "
+              "changed (a run of every row with the default seeds publishes)", flush=True)
     write_results(results, ["\n".join(lines)], "KD-DETR experiment (shapes, quick CPU configurations)", args.out,
-                  "kd_detr_shapes", REPO, publish_to_repo=not smoke)
+                  "kd_detr_shapes", REPO, publish_to_repo=not smoke and not partial)
     return 0
 
 
