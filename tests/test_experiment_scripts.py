@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,21 +180,35 @@ def test_a_partial_selection_is_named_and_never_published():
 
 @pytest.mark.slow
 def test_kd_detr_script_smoke_test(tiny_shapes, tmp_path, monkeypatch):
+    import dataclasses
+
+    from kdlab.config import load_config
+    from kdlab.engine.checkpoint import export_student
+    from kdlab.models import build_detector
+
     monkeypatch.chdir(REPO)  # the student config's backbone_weights path is relative to the repository
     kd_detr = load_script("kd_detr_shapes")
-    if not kd_detr.TEACHER_CHECKPOINT.is_file():
-        pytest.skip(f"{kd_detr.TEACHER_CHECKPOINT} is not stored")
-    assert kd_detr.main(["--quick", "--max-iters", "2", "--data-root", str(tiny_shapes), "--out", str(tmp_path),
+    # a small untrained DAB-DETR teacher, so that the script runs whether or not the shapes teacher is stored
+    teacher_cfg = dataclasses.replace(load_config(REPO / "configs" / "shapes_dab_detr_teacher.yaml"), backbone_weights=None,
+                                      backbone="resnet18", backbone_width=8,
+                                      detector_options={"feature_level": "C4", "hidden_dim": 32, "num_queries": 10,
+                                                        "enc_layers": 1, "dec_layers": 2, "num_heads": 2, "dim_feedforward": 64})
+    torch.manual_seed(0)
+    teacher = build_detector("dab_detr", 8, **teacher_cfg.model_options())
+    export_student(tmp_path / "teacher.pt", teacher_cfg, 8, [f"class{k}" for k in range(8)], teacher)
+    monkeypatch.setattr(kd_detr, "TEACHER_CHECKPOINT", tmp_path / "teacher.pt")
+    assert kd_detr.main(["--quick", "--max-iters", "2", "--data-root", str(tiny_shapes), "--out", str(tmp_path / "out"),
                          "--device", "cpu"]) == 0
-    results = json.loads((tmp_path / "results.json").read_text())
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
     assert results["smoke_test"] is True
     part = results["families"]["dab_detr"]  # the layout of the other experiments
     assert set(part["runs"]) == set(kd_detr.VARIANTS) and part["teacher_cost_ratio"] > 0
     from kdlab.engine.experiment import published_parts
 
     assert set(published_parts(results)["dab_detr"]["runs"]["kd_detr"]) == {0}
-    text = (tmp_path / "results.md").read_text()
+    text = (out / "results.md").read_text()
     assert "SMOKE TEST" in text and "over the compute-matched student" in text
     # each distilled run trained its own criterion: the config written with it names the method
-    assert "distill: kd_detr" in (tmp_path / "kd_detr" / "seed0" / "config.yaml").read_text()
-    assert "distill: detr_matched_kd" in (tmp_path / "matched" / "seed0" / "config.yaml").read_text()
+    assert "distill: kd_detr" in (out / "kd_detr" / "seed0" / "config.yaml").read_text()
+    assert "distill: detr_matched_kd" in (out / "matched" / "seed0" / "config.yaml").read_text()
