@@ -185,7 +185,7 @@ def test_decoder_anchor_chain_and_shapes():
     assert out.memory.shape == (batch, 16, 32) and out.memory_mask.shape == (batch, 16)  # C4 of 64 px: 4 x 4
     assert out.feature_strides == [16] and out.features[0].shape == (batch, 32, 4, 4)
     assert torch.equal(out.pred_logits, out.layer_logits[-1]) and torch.equal(out.pred_boxes, out.layer_boxes[-1])
-    # layer 0 starts from the learned anchors; layer l from layer l-1's boxes, detached
+    # layer 0 starts from the learned anchors; at the box head's zero init layer l's anchor is layer l-1's box
     assert torch.equal(out.layer_references[0], model.query_anchors.sigmoid().expand(batch, -1, -1))
     assert torch.equal(out.layer_references[1], out.layer_boxes[0])
     # the box head's last layer starts at zero: every layer's box is its anchor (up to logit clamping)
@@ -215,13 +215,46 @@ def test_set_output_follows_the_output_protocol():
     assert detached.matches is not None and detached.feature_strides == [16]
 
 
-def test_gradient_reaches_anchors_but_not_through_the_anchor_chain():
+def test_anchor_update_and_box_prediction_follow_the_released_decoder():
+    """DAB-DETR's released decoder: box_l = sigmoid(head(LN(c_l)) + logit(R_l)) from the normalised content,
+    the next anchor R_(l+1) = sigmoid(head(c_l) + logit(r_l)) from the content before the norm; the queries of
+    layer l+1 use r_(l+1) = R_(l+1) detached, box_(l+1) uses R_(l+1) with its gradient."""
+    model = tiny_detr().train()
+    torch.nn.init.normal_(model.box_head.layers[-1].weight, std=0.5)  # a box head that moves the anchors
+    decoder, head = model.decoder, model.box_head
+    # a trained shared norm (the layers' outputs are already layer-normed: at its init LN(c) = c)
+    torch.nn.init.normal_(decoder.norm.weight, mean=1.0, std=0.5)
+    torch.nn.init.normal_(decoder.norm.bias, std=0.5)
+    before_norm = []
+    handle = decoder.norm.register_forward_hook(lambda module, inputs, output: before_norm.append(inputs[0]))
+    images, _ = batch_and_targets()
+    out = model(images, [(64, 64), (64, 64)])
+    handle.remove()
+    hidden = [decoder.norm(c) for c in before_norm]
+    anchor = model.query_anchors.sigmoid().expand(2, -1, -1)
+    logit = torch.logit
+    chain = [anchor]  # R_l, with gradients
+    for layer in range(len(before_norm) - 1):
+        chain.append((head(before_norm[layer]) + logit(chain[-1].detach() if layer else chain[-1], eps=1e-3)).sigmoid())
+    for layer, (h, reference) in enumerate(zip(hidden, chain)):
+        box = (head(h) + logit(reference, eps=1e-3)).sigmoid()
+        assert torch.allclose(out.layer_boxes[layer], box, atol=1e-6)
+        assert torch.allclose(out.layer_references[layer], reference, atol=1e-6)
+    assert not torch.allclose(out.layer_references[1], out.layer_boxes[0], atol=1e-3)  # not the normalised content's box
+    # the gradient of layer 1's box reaches the box head through layer 0's anchor update too
+    params = list(head.parameters())
+    grads = torch.autograd.grad(out.layer_boxes[1].sum(), params, retain_graph=True)
+    hand = torch.autograd.grad((head(hidden[1]) + logit(chain[1], eps=1e-3)).sigmoid().sum(), params, retain_graph=True)
+    cut = torch.autograd.grad((head(hidden[1]) + logit(chain[1].detach(), eps=1e-3)).sigmoid().sum(), params)
+    assert all(torch.allclose(g, h, atol=1e-6) for g, h in zip(grads, hand))
+    assert not all(torch.allclose(g, c, atol=1e-4) for g, c in zip(grads, cut))
+
+
+def test_gradient_reaches_anchors_and_exposed_references_are_detached():
     model = tiny_detr().train()
     images, targets = batch_and_targets()
     out = model(images, [(64, 64), (64, 64)], targets)
-    params = list(model.parameters())
-    grads = torch.autograd.grad(out.layer_references[1].sum(), params, allow_unused=True, retain_graph=True)
-    assert all(g is None or not g.any() for g in grads)  # layer 1's anchor is a detached layer-0 box
+    assert not out.layer_references.requires_grad  # what each layer's queries were built from, for readers
     criterion = model.build_criterion()
     weighted_total(criterion(out, targets), criterion.weight_dict).backward()
     assert model.anchor_embed.weight.grad.abs().sum() > 0

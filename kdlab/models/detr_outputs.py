@@ -37,8 +37,9 @@ class QueryPassOutput:
         layer_logits: ``[L, B, P, C]`` class logits after every decoder layer.
         layer_boxes: ``[L, B, P, 4]`` normalised cxcywh boxes after every decoder layer.
         layer_references: ``[L, B, P, 4]`` the (sigmoid) anchor boxes each layer started from:
-            ``layer_references[0] = sigmoid(anchors)``, ``layer_references[l] = layer_boxes[l - 1]``
-            (detached).
+            ``layer_references[0] = sigmoid(anchors)``, ``layer_references[l]`` the anchor layer ``l - 1``
+            updated (from its content before the decoder's final norm, as the released code; the
+            prediction ``layer_boxes[l - 1]`` comes from the content after it), detached.
     """
 
     layer_logits: Tensor

@@ -14,7 +14,10 @@ and an anchor box ``A_q = (x_q, y_q, w_q, h_q)`` in ``[0, 1]``. Per layer (paper
   width/height modulation ``PE(x_q) * w_ref / w_q`` and ``PE(y_q) * h_ref / h_q``,
   ``(w_ref, h_ref) = sigmoid(MLP(C_q))`` (§4.4), which turns the positional dot product into
   ``(PE(x).PE(x_q) w_ref / w_q + PE(y).PE(y_q) h_ref / h_q) / sqrt(D)``;
-- anchor update ``A_q <- sigmoid(logit(A_q) + BoxHead(C_q))``, detached before the next layer.
+- prediction ``b_q = sigmoid(logit(A_q) + BoxHead(LN(C_q)))`` (``LN`` the decoder's shared final norm);
+- anchor update ``A_q <- sigmoid(logit(A_q) + BoxHead(C_q))`` from the content *before* ``LN``; the
+  next layer's queries use it detached, its box prediction uses it with its gradient (the released
+  code's ``ref_points``: layer ``l + 1``'s box loss reaches layer ``l``'s box head and content).
 """
 
 from __future__ import annotations
@@ -236,12 +239,13 @@ class DABDecoder(nn.Module):
 
         Returns:
             ``hidden`` ``[L, B, P, D]`` (normalised content queries after each layer), ``references``
-            ``[L, B, P, 4]`` (the sigmoid anchors each layer started from) and ``boxes``
+            ``[L, B, P, 4]`` (the sigmoid anchors each layer started from, detached) and ``boxes``
             ``[L, B, P, 4]`` (normalised cxcywh after each layer).
         """
         d = self.d_model
         content = memory.new_zeros(anchors.shape[0], anchors.shape[1], d)
-        reference = anchors.sigmoid()  # [B, P, 4]
+        reference = anchors.sigmoid()  # [B, P, 4] the anchor this layer's queries are built from
+        box_reference = reference  # the same values, not detached: what this layer's box is predicted from
         hidden, references, boxes = [], [], []
         for layer_id, layer in enumerate(self.layers):
             # PE(A_q) in the order (y, x, w, h), matching the image embedding's Cat(PE(y), PE(x))
@@ -256,13 +260,16 @@ class DABDecoder(nn.Module):
             content = layer(content, query_pos, query_sine, memory, memory_pos, memory_padding_mask)
 
             normed = self.norm(content)
-            # Released code: the next anchor comes from the content *before* this shared norm and the
-            # prediction from the content after it; here both use it, so boxes[l] is references[l + 1].
-            box = (box_head(normed) + inverse_sigmoid(reference)).sigmoid()
+            # As the released code: the prediction comes from the normalised content, the next anchor from
+            # the content before that shared norm; the next layer's box is predicted from the next anchor
+            # with its gradient (so layer l + 1's box loss also trains layer l's box), while the next
+            # layer's queries are built from it detached.
+            box = (box_head(normed) + inverse_sigmoid(box_reference)).sigmoid()
             hidden.append(normed)
-            references.append(reference)
+            references.append(reference.detach())
             boxes.append(box)
-            reference = box.detach()  # gradients do not flow through the anchor chain
+            box_reference = (box_head(content) + inverse_sigmoid(reference)).sigmoid()
+            reference = box_reference.detach()
         return torch.stack(hidden), torch.stack(references), torch.stack(boxes)
 
 
