@@ -32,7 +32,6 @@ defaults), 2 images of 800 x 800 (as in the paper; meant for a GPU).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,7 +46,8 @@ from kdlab.distill.base import DistillationTask  # noqa: E402
 from kdlab.distill.drkd import DRKD  # noqa: E402
 from kdlab.models.base import DetectionTask, weighted_total  # noqa: E402
 from kdlab.models.students import faster_rcnn, retinanet  # noqa: E402
-from overhead_common import NUM_CLASSES, cut_from_graph, make_batch, overhead_summary, rotating_times, timed  # noqa: E402
+from overhead_common import NUM_CLASSES, add_timing_arguments, cut_from_graph, make_batch, parse_timing_arguments  # noqa: E402
+from overhead_common import time_distilled_steps, timed, write_json  # noqa: E402
 
 BUILDERS = {"retinanet": retinanet, "faster_rcnn": faster_rcnn}
 # scale -> (student options, teacher options, DRKD options, batch size, image side)
@@ -97,21 +97,7 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
     drkd_task = DistillationTask(student, teacher, drkd).to(device).train()
     images, targets = make_batch(batch, size, device)
     sizes = [(size, size)] * batch
-
-    def student_step():
-        weighted_total(task(images, targets), task.weight_dict).backward()
-
-    def student_teacher_step():
-        terms = task(images, targets)
-        with torch.no_grad():
-            teacher(images, sizes)
-        weighted_total(terms, task.weight_dict).backward()
-
-    def drkd_step():
-        weighted_total(drkd_task(images, targets), drkd_task.weight_dict).backward()
-
-    steps = {"student": student_step, "student+teacher": student_teacher_step, "drkd": drkd_step}
-    summary = overhead_summary(rotating_times(steps, device, repeats, warmup, [student, drkd]), "drkd")
+    summary = time_distilled_steps(task, teacher, drkd_task, "drkd", images, targets, device, repeats, warmup, [student, drkd])
 
     terms_alone = drkd_terms_alone(drkd, student, teacher, images, sizes, targets, device, repeats, warmup)
     parts = {}
@@ -132,16 +118,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--scale", default="quick", choices=list(SCALES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
-    parser.add_argument("--image-size", type=int, default=None, help="square image side (default: the scale's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_timing_arguments(parser)
+    args = parse_timing_arguments(parser, argv)
     device = torch.device(args.device)
     results = []
     print("| family | student step (s) | + teacher forward (s) | DRKD step (s) | teacher share | DRKD overhead (median) "
@@ -162,9 +140,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['family']}: DRKD's own modules {r['drkd_parameters'] / 1e6:.2f} M parameters "
               f"(student {r['student_parameters'] / 1e6:.2f} M); overheads per repeat "
               + ", ".join(f"{o:+.3f}" for o in r["overheads"]))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return results
 
 

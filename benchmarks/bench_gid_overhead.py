@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -56,7 +55,8 @@ from kdlab.models.base import DetectionTask  # noqa: E402
 from kdlab.distill.gid import GID  # noqa: E402
 from kdlab.models.base import weighted_total  # noqa: E402
 from kdlab.models.students import faster_rcnn, fcos, retinanet  # noqa: E402
-from overhead_common import NUM_CLASSES, cut_from_graph, make_batch, overhead_summary, rotating_times, timed  # noqa: E402
+from overhead_common import NUM_CLASSES, add_timing_arguments, cut_from_graph, make_batch, parse_timing_arguments  # noqa: E402
+from overhead_common import time_distilled_steps, timed, write_json  # noqa: E402
 
 BUILDERS = {"retinanet": retinanet, "fcos": fcos, "faster_rcnn": faster_rcnn}
 # scale -> (student options, teacher options, batch size, image side)
@@ -129,22 +129,7 @@ def bench_family(family: str, scale: str, device: torch.device, repeats: int, wa
     gid_task = DistillationTask(student, teacher, gid).to(device).train()
     images, targets = make_batch(batch, size, device)
     sizes = [(size, size)] * batch
-
-    def student_step():
-        weighted_total(task(images, targets), task.weight_dict).backward()
-
-    def student_teacher_step():
-        terms = task(images, targets)
-        with torch.no_grad():
-            teacher(images, sizes)
-        weighted_total(terms, task.weight_dict).backward()
-
-    def gid_step():
-        weighted_total(gid_task(images, targets), gid_task.weight_dict).backward()
-
-    steps = {"student": student_step, "student+teacher": student_teacher_step, "gid": gid_step}
-    times = rotating_times(steps, device, repeats, warmup, [student, gid])
-    summary = overhead_summary(times, "gid")
+    summary = time_distilled_steps(task, teacher, gid_task, "gid", images, targets, device, repeats, warmup, [student, gid])
 
     # GID's terms alone, forward + backward, on outputs cut from the networks' graphs
     with torch.no_grad():
@@ -174,16 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--families", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
     parser.add_argument("--scale", default="quick", choices=list(SCALES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
-    parser.add_argument("--image-size", type=int, default=None, help="square image side (default: the scale's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_timing_arguments(parser)
+    args = parse_timing_arguments(parser, argv)
     device = torch.device(args.device)
     results = []
     print("| family | student step (s) | student + teacher forward (s) | GID step (s) | overhead (median) "
@@ -202,9 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---" * (len(names) + 1) + "|")
     for r in results:
         print(f"| {r['family']} | " + " | ".join(f"{1000 * r['stages_forward_s'][n]:.2f}" for n in names) + " |")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return 0
 
 

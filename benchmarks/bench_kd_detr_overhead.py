@@ -30,7 +30,6 @@ width 256, 6 + 6 layers, 300 queries, 300 general points, 2 images of 800 x 800;
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,7 +46,8 @@ from kdlab.models import build_detector  # noqa: E402
 from kdlab.models.base import DetectionTask, weighted_total  # noqa: E402
 from kdlab.models.dab_detr import feature_padding_mask  # noqa: E402
 from kdlab.models.detr_transformer import image_position_embedding  # noqa: E402
-from overhead_common import NUM_CLASSES, make_batch, overhead_summary, rotating_times, timed  # noqa: E402
+from overhead_common import NUM_CLASSES, add_timing_arguments, make_batch, parse_timing_arguments  # noqa: E402
+from overhead_common import time_distilled_steps, timed, write_json  # noqa: E402
 
 QUICK_TRANSFORMER = dict(feature_level="C4", hidden_dim=64, num_queries=50, enc_layers=2, dec_layers=3, num_heads=4,
                          dim_feedforward=256)
@@ -111,21 +111,7 @@ def bench(scale: str, device: torch.device, repeats: int, warmup: int, batch: in
     kd_task = DistillationTask(student, teacher, criterion).to(device).train()
     images, targets = make_batch(batch, size, device)
     sizes = [(size, size)] * batch
-
-    def student_step():
-        weighted_total(task(images, targets), task.weight_dict).backward()
-
-    def student_teacher_step():
-        terms = task(images, targets)
-        with torch.no_grad():
-            teacher(images, sizes)
-        weighted_total(terms, task.weight_dict).backward()
-
-    def kd_detr_step():
-        weighted_total(kd_task(images, targets), kd_task.weight_dict).backward()
-
-    steps = {"student": student_step, "student+teacher": student_teacher_step, "kd_detr": kd_detr_step}
-    summary = overhead_summary(rotating_times(steps, device, repeats, warmup, [student]), "kd_detr")
+    summary = time_distilled_steps(task, teacher, kd_task, "kd_detr", images, targets, device, repeats, warmup, [student])
     alone = passes_alone(criterion, student, teacher, images, sizes, device, repeats, warmup)
     points = student.num_queries + num_general
     return {"scale": scale, "device": str(device), "batch": batch, "image_size": size, **summary,
@@ -136,16 +122,8 @@ def bench(scale: str, device: torch.device, repeats: int, warmup: int, batch: in
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", nargs="+", default=["quick"], choices=list(SCALES))
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
-    parser.add_argument("--image-size", type=int, default=None, help="square image side (default: the scale's)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    add_timing_arguments(parser)
+    args = parse_timing_arguments(parser, argv)
     device = torch.device(args.device)
     results = []
     print("| scale | images | queries + points | student step (s) | + teacher forward (s) | KD-DETR step (s) | teacher share "
@@ -160,9 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{r['overhead']:+.3f} | {r['passes_alone_s']:.4f} | {r['terms_share']:.3f} |", flush=True)
     print(f"\noverhead: (KD-DETR step - (student + teacher forward)) / student step, median of {args.repeats} repeats; "
           "their share: the extra passes of both decoders, the losses and their backward / the fastest student step")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+    write_json(results, args.json)
     return results
 
 

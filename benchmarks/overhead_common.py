@@ -9,9 +9,12 @@ method's overhead beyond the teacher forward is ``(distilled - (student+teacher)
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -84,3 +87,54 @@ def overhead_summary(times: dict[str, list[float]], distilled: str) -> dict:
             "student_min_s": min(times["student"]),
             "teacher_share": statistics.median(
                 (st - s) / s for s, st in zip(times["student"], times["student+teacher"]))}
+
+
+def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn.Module, name: str, images: torch.Tensor,
+                         targets: list[dict], device: torch.device, repeats: int, warmup: int,
+                         modules: list[nn.Module]) -> dict:
+    """The three training steps timed side by side (:func:`rotating_times`: ``student``, ``student+teacher``
+    and the distilled step ``name``; forward, loss, backward) and :func:`overhead_summary` of them."""
+    from kdlab.models.base import weighted_total
+
+    sizes = [tuple(image.shape[-2:]) for image in images]
+
+    def student_step():
+        weighted_total(task(images, targets), task.weight_dict).backward()
+
+    def student_teacher_step():
+        terms = task(images, targets)
+        with torch.no_grad():
+            teacher(images, sizes)
+        weighted_total(terms, task.weight_dict).backward()
+
+    def distilled_step():
+        weighted_total(distilled_task(images, targets), distilled_task.weight_dict).backward()
+
+    steps = {"student": student_step, "student+teacher": student_teacher_step, name: distilled_step}
+    return overhead_summary(rotating_times(steps, device, repeats, warmup, modules), name)
+
+
+def add_timing_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every overhead benchmark takes after its own: device, repeats, sizes, threads, JSON."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step (default: the scale's)")
+    parser.add_argument("--image-size", type=int, default=None, help="square image side (default: the scale's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+
+
+def parse_timing_arguments(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, and set the torch thread count when ``--threads`` is given."""
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    return args
+
+
+def write_json(results: list[dict], path: Path | None) -> None:
+    """``--json``: the results as a JSON list (nothing without a path)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2))
