@@ -40,7 +40,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 
 from kdlab.config import load_config  # noqa: E402
 from kdlab.engine.experiment import add_run_arguments, comparison_lines, parse_run_arguments  # noqa: E402
-from kdlab.engine.experiment import parse_seeds_for, relative_to, results_table, run_groups  # noqa: E402
+from kdlab.engine.experiment import group_records, parse_seeds_for, relative_to, results_table, run_groups  # noqa: E402
 from kdlab.engine.experiment import run_rows, shapes_run_fields, student_alone_fields  # noqa: E402
 
 TARGET_GAIN = 1.5  # AP points, DRKD over each student alone (the target)
@@ -94,7 +94,7 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
     return {"teacher_checkpoint": relative_to(checkpoint, REPO),
             **run_rows(family, student_config(family), common, variants, seeds,
                        lambda variant, seed, base: variant_fields(variant, base.distill_options, checkpoint),
-                       checkpoint, args.out / family, args.teacher_cost)}
+                       checkpoint, args.out / family, args.teacher_cost, group_records(args, family), args.fresh)}
 
 
 def markdown(family: str, part: dict, note: str) -> str:

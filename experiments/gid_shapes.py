@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 
 from kdlab.config import load_config  # noqa: E402
 from kdlab.engine.experiment import add_run_arguments, comparison_lines  # noqa: E402
-from kdlab.engine.experiment import ensure_teacher, parse_run_arguments, parse_seeds_for  # noqa: E402
+from kdlab.engine.experiment import ensure_teacher, group_records, parse_run_arguments, parse_seeds_for  # noqa: E402
 from kdlab.engine.experiment import parse_teacher_costs, relative_to, results_table, run_groups  # noqa: E402
 from kdlab.engine.experiment import run_rows, shapes_run_fields, student_alone_fields  # noqa: E402
 from kdlab.engine.experiment import mean_std  # noqa: E402, F401 (the tests read it here)
@@ -96,7 +96,7 @@ def run_family(family: str, variants: list[str], seeds: dict[str, list[int]], ar
 
     return {"teacher_checkpoint": relative_to(checkpoint, REPO),
             **run_rows(family, student_config(family), common, variants, seeds, row_fields, checkpoint, out,
-                       args.teacher_cost.get(family))}
+                       args.teacher_cost.get(family), group_records(args, family), args.fresh)}
 
 
 def markdown(family: str, part: dict, note: str) -> str:

@@ -39,19 +39,24 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import load_config  # noqa: E402
 from kdlab.data import build_dataset  # noqa: E402
 from kdlab.engine.experiment import (  # noqa: E402
+    add_run_arguments,
     cached_teacher_cost_ratio,
     comparison_lines,
     compute_matched_config,
     ensure_shapes,
+    group_records,
     make_config,
     mean_std,
+    parse_run_arguments,
     parse_seeds_for,
     partial_selection,
     relative_to,
     results_table,
+    RUN_SOURCES,
     run,
     run_fields,
     seeds_per_row,
+    sources_line,
     teacher_metrics,
     write_results,
 )
@@ -87,16 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--seeds-for", nargs="+", default=[], metavar="ROW=S,S", dest="seeds_for_list",
                         help="other seeds for one row, e.g. kd_detr_unweighted=0")
-    parser.add_argument("--quick", action="store_true", help="smoke test: seed 0 only, 1 epoch")
-    parser.add_argument("--max-iters", type=int, default=None, help="stop every run after this many iterations")
-    parser.add_argument("--data-root", type=Path, default=None, help="another shapes set (default: the config's)")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--num-workers", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args(argv)
-    smoke = args.quick or args.max_iters is not None
-    if args.out is None:
-        args.out = REPO / "outputs" / ("kd_detr_shapes_quick" if smoke else "kd_detr_shapes")
+    add_run_arguments(parser)
+    args = parse_run_arguments(parser, argv, "kd_detr_shapes", REPO)
     try:  # --seeds-for ROW=S,S names a row; seeds_per_row looks rows up as "kd_detr/ROW"
         args.seeds_for = {f"kd_detr/{k}": v for k, v in parse_seeds_for(args.seeds_for_list, set(VARIANTS)).items()}
     except ValueError as err:
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     row_seeds = seeds_per_row("kd_detr", variants, seeds, args.seeds_for, quick=args.quick)
     ratio = None
     if "compute_matched" in variants:
-        ratio = cached_teacher_cost_ratio(base, TEACHER_CHECKPOINT, args.out / "teacher_cost.json")
+        ratio = cached_teacher_cost_ratio(base, TEACHER_CHECKPOINT, (group_records(args, "dab_detr") or args.out) / "teacher_cost.json")
         print(f"teacher forward / student step = {ratio:.2f}", flush=True)
     train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size, max_size=base.max_size)
     iters_per_epoch = math.ceil(len(train_set) / base.batch_size)
@@ -135,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = make_config(STUDENT_CONFIG, fields)
             if variant == "compute_matched":
                 cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
-            runs[variant][seed] = run(cfg)
+            records = group_records(args, "dab_detr")
+            runs[variant][seed] = run(cfg, None if records is None else records / variant / f"seed{seed}.json", args.fresh)
     labels = {v: VARIANTS[v][0] for v in VARIANTS}
     note = " — SMOKE TEST, not a result" if smoke else ""
     lines = results_table(f"DAB-DETR on shapes{note}", teacher, runs, labels)
@@ -156,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     if partial and not smoke:
         print(f"a partial selection ({partial}): results in {args.out}; experiments/results/kd_detr_shapes.* not "
               "changed (a run of every row with the default seeds publishes)", flush=True)
-    write_results(results, ["\n".join(lines)], "KD-DETR experiment (shapes, quick CPU configurations)", args.out,
+    results["run_sources"] = dict(RUN_SOURCES)
+    write_results(results, ["\n".join(lines), sources_line()], "KD-DETR experiment (shapes, quick CPU configurations)", args.out,
                   "kd_detr_shapes", REPO, publish_to_repo=not smoke and not partial)
     return 0
 

@@ -55,7 +55,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import load_config  # noqa: E402
 from kdlab.distill.ld import CALIBRATED_LD_WEIGHTS, PUBLISHED_LD_WEIGHTS  # noqa: E402
 from kdlab.engine.experiment import add_run_arguments, comparison_lines  # noqa: E402
-from kdlab.engine.experiment import ensure_shapes, ensure_teacher, parse_run_arguments, parse_seeds_for  # noqa: E402
+from kdlab.engine.experiment import ensure_shapes, ensure_teacher, group_records, parse_run_arguments, parse_seeds_for  # noqa: E402
 from kdlab.engine.experiment import parse_teacher_costs, relative_to, results_table, run_fields  # noqa: E402
 from kdlab.engine.experiment import run_groups, run_rows, seeds_per_row, student_alone_fields  # noqa: E402
 from kdlab.engine.experiment import mean_std  # noqa: E402, F401 (the tests read it here)
@@ -142,11 +142,15 @@ def row_fields(variant: str, seed: int, out: Path, teacher: Path) -> dict:
     return {**fields, "distill": distill, "distill_options": dict(options), "teacher_checkpoint": str(teacher)}
 
 
-def learning_curve(run_dir: Path) -> dict[int, float]:
-    """``{epoch: AP in %}`` of a run's periodic evaluations (``eval_epoch{n}.json``)."""
+def learning_curve(run_dir: Path, record: Path | None = None) -> dict[int, float]:
+    """``{epoch: AP in %}`` of a run's periodic evaluations (``eval_epoch{n}.json``), or those its run
+    record kept when the folder has none (a run reused from its record)."""
     curve = {}
     for path in run_dir.glob("eval_epoch*.json"):
         curve[int(path.stem.removeprefix("eval_epoch"))] = 100 * json.loads(path.read_text())["AP"]
+    if not curve and record is not None and record.is_file():
+        history = json.loads(record.read_text()).get("eval_history", {})
+        curve = {int(epoch): 100 * metrics["AP"] for epoch, metrics in history.items()}
     return dict(sorted(curve.items()))
 
 
@@ -160,8 +164,11 @@ def run_setting(name: str, variants: list[str], seeds: dict[str, list[int]], arg
     part = {"title": setting.title, "teacher_checkpoint": relative_to(checkpoint, REPO),
             **run_rows(name, setting.student_config, {**setting.student_fields, **common}, variants, seeds,
                        lambda variant, seed, base: row_fields(variant, seed, out, checkpoint), checkpoint, out,
-                       args.teacher_cost.get(name))}
-    part["student_curves"] = {str(seed): learning_curve(out / "student" / f"seed{seed}")
+                       args.teacher_cost.get(name), group_records(args, name), args.fresh,
+                       checkpoint_rows=("student",) if "self_ld" in variants else ())}
+    records = group_records(args, name)
+    part["student_curves"] = {str(seed): learning_curve(out / "student" / f"seed{seed}",
+                                                        None if records is None else records / "student" / f"seed{seed}.json")
                               for seed in part["runs"].get("student", {})}
     return part
 

@@ -21,6 +21,7 @@ with its epochs and lr steps stretched by the same factor.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -37,6 +38,8 @@ from kdlab.engine.loop import train
 from kdlab.eval import format_metric
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
+# how this process's runs were obtained: "trained", "folder" (finished in its output folder), "recorded" (run record)
+RUN_SOURCES: collections.Counter = collections.Counter()
 
 
 def make_config(base: Path, fields: dict) -> TrainConfig:
@@ -44,21 +47,62 @@ def make_config(base: Path, fields: dict) -> TrainConfig:
     return dataclasses.replace(load_config(base), **fields)
 
 
-def run(cfg: TrainConfig) -> dict[str, float | None]:
-    """Train ``cfg`` unless an identical finished run exists; resume an identical interrupted one."""
+def run(cfg: TrainConfig, record: Path | None = None, fresh: bool = False,
+        needs_checkpoint: bool = False) -> dict[str, float | None]:
+    """Train ``cfg`` unless an identical finished run exists; resume an identical interrupted one.
+
+    Args:
+        cfg: the run.
+        record: its run record (:mod:`kdlab.engine.ledger`): reused when it holds a run of ``cfg``, written
+            when the run finishes (or found finished in its folder); None: no record.
+        fresh: ignore an existing record (it is overwritten when the run finishes).
+        needs_checkpoint: a later run reads this run's ``student.pt`` (a self-distilled row): a record
+            cannot stand in for it, the run trains when its folder lacks the checkpoint.
+    """
+    from kdlab.engine import ledger
+    from kdlab.engine.distributed import resolve_device
+
     out = Path(cfg.output_dir)
     final, saved = out / "eval_final.json", out / "config.yaml"
     same = saved.is_file() and load_config(saved).to_dict() == cfg.to_dict()
+    device_type = resolve_device(cfg.device).type
     if same and final.is_file():
-        return json.loads(final.read_text())
+        metrics = json.loads(final.read_text())
+        if record is not None and (fresh or ledger.read_record(record, cfg, device_type) is None):
+            ledger.write_record(record, cfg, device_type, metrics, seconds=None)
+        RUN_SOURCES["folder"] += 1
+        return metrics
+    if cfg.teacher_checkpoint is not None and not Path(cfg.teacher_checkpoint).is_file():
+        raise FileNotFoundError(f"{out}: teacher_checkpoint {cfg.teacher_checkpoint} does not exist")
+    if record is not None and not fresh and not (needs_checkpoint and not (out / "student.pt").is_file()):
+        stored = ledger.read_record(record, cfg, device_type)
+        if stored is not None:
+            print(f"  {out}: AP {format_metric(stored['metrics'].get('AP'))} from the run record "
+                  f"{record} ({stored.get('finished')}, commit {stored.get('kdlab_commit')})", flush=True)
+            RUN_SOURCES["recorded"] += 1
+            return stored["metrics"]
+        if record.is_file():
+            print(f"  {record}: a record of another run (differs in "
+                  f"{', '.join(ledger.differing_fields(record, cfg, device_type))}); training", flush=True)
     if out.exists() and not same and any(out.iterdir()):
         raise FileExistsError(f"{out} holds a run with another config; remove it or choose another --out")
     start = time.time()
     resume = same and (out / "last.pt").is_file()
     # the same config without a checkpoint: a run that stopped before its first save, started over
     metrics = train(cfg, resume=resume, overwrite=not resume, progress=False)
-    print(f"  {out}: AP {format_metric(metrics['AP'])} ({time.time() - start:.0f} s)", flush=True)
+    seconds = time.time() - start
+    print(f"  {out}: AP {format_metric(metrics['AP'])} ({seconds:.0f} s)", flush=True)
+    if record is not None:
+        ledger.write_record(record, cfg, device_type, metrics, seconds=None if resume else seconds)
+    RUN_SOURCES["trained"] += 1
     return metrics
+
+
+def sources_line() -> str:
+    """Where this invocation's runs came from (:data:`RUN_SOURCES`), as a sentence for a results table."""
+    from kdlab.engine.ledger import provenance_line
+
+    return provenance_line(RUN_SOURCES["trained"], RUN_SOURCES["folder"], RUN_SOURCES["recorded"])
 
 
 def relative_to(path: Path | str, root: Path) -> str:
@@ -76,15 +120,17 @@ def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str
     from kdlab.engine.distributed import DistContext, resolve_device
     from kdlab.engine.evaluation import evaluate
 
-    stamp = checkpoint.stat().st_mtime
-    if cache.is_file() and json.loads(cache.read_text()).get("checkpoint_mtime") == stamp:
+    from kdlab.engine.ledger import file_digest
+
+    stamp = file_digest(checkpoint)
+    if cache.is_file() and json.loads(cache.read_text()).get("checkpoint_digest") == stamp:
         return json.loads(cache.read_text())["metrics"]
     device = resolve_device(cfg.device)
     dataset = build_dataset(cfg.data_root, cfg.val_split, train=False, min_size=cfg.min_size, max_size=cfg.max_size)
     loader = build_loader(dataset, cfg, DistContext(0, 1, 0, device), train=False)
     metrics = evaluate(load_detector(checkpoint, device), loader, device, amp=cfg.amp)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_json({"checkpoint": str(checkpoint), "checkpoint_mtime": stamp, "metrics": metrics}, cache)
+    atomic_save_json({"checkpoint": str(checkpoint), "checkpoint_digest": stamp, "metrics": metrics}, cache)
     return metrics
 
 
@@ -133,18 +179,22 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
 
 
 def cached_teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, cache: Path) -> float:
-    """:func:`teacher_cost_ratio`, measured once and stored in ``cache`` (JSON, with the teacher's path).
+    """:func:`teacher_cost_ratio`, measured once and stored in ``cache`` (JSON, with the teacher file's digest).
 
     The compute-matched runs' length depends on it: a later invocation of the same experiment must
     find the same value, or its finished compute-matched runs would no longer match their configs.
     """
+    from kdlab.engine.ledger import file_digest
+
+    digest = file_digest(teacher_checkpoint)
     if cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored.get("teacher_checkpoint") == str(teacher_checkpoint):
+        if stored.get("teacher_digest", None) == digest:
             return float(stored["ratio"])
     ratio = teacher_cost_ratio(student_cfg, teacher_checkpoint)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_json({"teacher_checkpoint": str(teacher_checkpoint), "ratio": ratio}, cache)
+    atomic_save_json({"teacher_checkpoint": relative_to(teacher_checkpoint, Path.cwd()), "teacher_digest": digest,
+                      "ratio": ratio, "threads": torch.get_num_threads(), "device": str(student_cfg.device)}, cache)
     return ratio
 
 
@@ -181,7 +231,8 @@ def ensure_teacher(label: str, checkpoint: Path | None, teacher_config: Path, fi
 
 def run_rows(label: str, student_config: Path, fields: dict, variants: list[str], seeds: dict[str, list[int]],
              row_fields: Callable[[str, int, TrainConfig], dict], checkpoint: Path, out: Path,
-             teacher_cost: float | None = None) -> dict:
+             teacher_cost: float | None = None, records: Path | None = None, fresh: bool = False,
+             checkpoint_rows: tuple[str, ...] = ()) -> dict:
     """One student/teacher pair of an experiment: the teacher's metrics, its cost (when a ``compute_matched``
     row runs), then every row for each of its seeds.
 
@@ -195,7 +246,11 @@ def run_rows(label: str, student_config: Path, fields: dict, variants: list[str]
         checkpoint: the teacher (exported ``student.pt``).
         out: the pair's folder (``teacher_eval.json``, ``teacher_cost.json`` and the runs).
         teacher_cost: the teacher-forward / student-step ratio; None: measured once and cached
-            (:func:`cached_teacher_cost_ratio`). The ``compute_matched`` row trains ``1 + ratio`` as long.
+            (:func:`cached_teacher_cost_ratio`, in ``records`` when given, so that every checkout trains the
+            same compute-matched runs). The ``compute_matched`` row trains ``1 + ratio`` as long.
+        records, fresh: the pair's run records folder (``records/<row>/seed<s>.json``, :func:`run`) or None;
+            ``fresh``: train every run again even where a record holds it.
+        checkpoint_rows: rows whose ``student.pt`` a later row reads (trained where only a record has them).
 
     Returns:
         ``{"teacher": metrics, "teacher_cost_ratio": ratio or None, "runs": {row: {seed: metrics}},
@@ -208,7 +263,7 @@ def run_rows(label: str, student_config: Path, fields: dict, variants: list[str]
     ratio = iters_per_epoch = None
     if "compute_matched" in variants:
         ratio = teacher_cost if teacher_cost is not None else cached_teacher_cost_ratio(
-            base, checkpoint, out / "teacher_cost.json")
+            base, checkpoint, (records or out) / "teacher_cost.json")
         print(f"[{label}] teacher forward / student step = {ratio:.2f}", flush=True)
         train_set = build_dataset(base.data_root, base.train_split, train=False, min_size=base.min_size,
                                   max_size=base.max_size)
@@ -220,7 +275,8 @@ def run_rows(label: str, student_config: Path, fields: dict, variants: list[str]
                                                **row_fields(variant, seed, base)})
             if variant == "compute_matched":
                 cfg = compute_matched_config(cfg, ratio, iters_per_epoch)
-            runs[variant][seed] = run(cfg)
+            record = None if records is None else records / variant / f"seed{seed}.json"
+            runs[variant][seed] = run(cfg, record, fresh, needs_checkpoint=variant in checkpoint_rows)
     return {"teacher": teacher, "teacher_cost_ratio": ratio, "runs": runs,
             "table": {v: {m: list(c) for m, c in mean_std(by_seed).items()} for v, by_seed in runs.items()}}
 
@@ -348,16 +404,32 @@ def add_run_arguments(parser: argparse.ArgumentParser, quick_help: str = "smoke 
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-workers", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--records", type=Path, default=None,
+                        help="run records folder (default experiments/results/runs/<experiment>; none for a smoke test)")
+    parser.add_argument("--no-records", action="store_true", help="neither read nor write run records")
+    parser.add_argument("--fresh", action="store_true",
+                        help="train every run again even where a run record holds it (and overwrite the record)")
 
 
 def parse_run_arguments(parser: argparse.ArgumentParser, argv: list[str] | None, name: str, repo: Path) -> argparse.Namespace:
-    """``parser``'s arguments, with ``smoke`` (``--quick`` or ``--max-iters``: a smoke test, not a result)
-    and ``--out`` by default ``outputs/<name>`` (``outputs/<name>_quick`` for a smoke test)."""
+    """``parser``'s arguments, with ``smoke`` (``--quick`` or ``--max-iters``: a smoke test, not a result),
+    ``--out`` by default ``outputs/<name>`` (``outputs/<name>_quick`` for a smoke test) and ``records``: the
+    run records folder (:mod:`kdlab.engine.ledger`), ``experiments/results/runs/<name>`` by default, None
+    for a smoke test or with ``--no-records``."""
     args = parser.parse_args(argv)
     args.smoke = args.quick or args.max_iters is not None
     if args.out is None:
         args.out = repo / "outputs" / (f"{name}_quick" if args.smoke else name)
+    if args.no_records or (args.smoke and args.records is None):
+        args.records = None  # a smoke test is not a result: it neither reads nor leaves records
+    elif args.records is None:
+        args.records = repo / "experiments" / "results" / "runs" / name
     return args
+
+
+def group_records(args: argparse.Namespace, group: str) -> Path | None:
+    """The run records folder of one group of an experiment (``args.records / group``), or None."""
+    return None if args.records is None else args.records / group
 
 
 def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]], labels: dict[str, str],
@@ -386,6 +458,8 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
     if partial and not args.smoke:
         print(f"a partial selection ({partial}): results in {args.out}; experiments/results/{name}.* not changed "
               "(a run of every row with the default seeds publishes)", flush=True)
+    results["run_sources"] = dict(RUN_SOURCES)
+    sections.append(sources_line())
     write_results(results, sections, title, args.out, name, repo, not args.smoke and not partial)
     return results
 

@@ -1,0 +1,138 @@
+"""Run records (kdlab.engine.ledger): what identifies a run, and how experiment runs reuse them."""
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from kdlab.config import load_config, save_config
+from kdlab.engine import experiment, ledger
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """A config on a tiny 'dataset' (two annotation files) with a teacher file, in tmp_path."""
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    for split in ("train", "val"):
+        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps({"split": split}))
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes(b"teacher weights v1")
+    cfg = dataclasses.replace(load_config(REPO / "configs" / "shapes_drkd_retinanet_student.yaml"),
+                              data_root=str(root), teacher_checkpoint=str(teacher), device="cpu",
+                              output_dir=str(tmp_path / "runs" / "a"))
+    return cfg, tmp_path
+
+
+def test_key_ignores_what_does_not_change_the_run_and_sees_what_does(setup):
+    cfg, tmp = setup
+    key = ledger.run_key(cfg, "cpu")
+    assert len(key) == 64
+    # the output folder, loader workers, logging and checkpoint intervals do not change what is trained
+    assert ledger.run_key(dataclasses.replace(cfg, output_dir="elsewhere", num_workers=4, log_every=7,
+                                              checkpoint_every_iters=100), "cpu") == key
+    # the teacher file is identified by its bytes: a copy elsewhere is the same run, new bytes are not
+    copy = tmp / "copy" / "teacher.pt"
+    copy.parent.mkdir()
+    shutil.copy(cfg.teacher_checkpoint, copy)
+    assert ledger.run_key(dataclasses.replace(cfg, teacher_checkpoint=str(copy)), "cpu") == key
+    copy.write_bytes(b"teacher weights v2")
+    assert ledger.run_key(dataclasses.replace(cfg, teacher_checkpoint=str(copy)), "cpu") != key
+    # the dataset by its annotation files
+    moved = tmp / "moved"
+    shutil.copytree(cfg.data_root, moved)
+    assert ledger.run_key(dataclasses.replace(cfg, data_root=str(moved)), "cpu") == key
+    (moved / "annotations" / "instances_train.json").write_text("{}")
+    assert ledger.run_key(dataclasses.replace(cfg, data_root=str(moved)), "cpu") != key
+    # the schedule, the seed, the method's options and the device type all do
+    for changed in (dataclasses.replace(cfg, seed=1), dataclasses.replace(cfg, lr=0.002),
+                    dataclasses.replace(cfg, distill_options={**cfg.distill_options, "pixel_weight": 0.0})):
+        assert ledger.run_key(changed, "cpu") != key
+    assert ledger.run_key(cfg, "cuda") != key
+    expected = "sha256:" + hashlib.sha256(b"teacher weights v1").hexdigest()[:16]
+    assert ledger.file_digest(Path(cfg.teacher_checkpoint)) == expected
+
+
+class FakeTrain:
+    """Stands in for kdlab.engine.loop.train: counts calls, writes the files a finished run leaves."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cfg, resume, overwrite, progress):
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.calls.append(cfg.output_dir)
+        save_config(cfg, out / "config.yaml")
+        metrics = {"AP": 0.1 + cfg.seed / 100, "AP50": 0.2}
+        (out / "eval_epoch3.json").write_text(json.dumps({"AP": 0.05}))
+        (out / "eval_final.json").write_text(json.dumps(metrics))
+        return metrics
+
+
+def test_run_writes_a_record_and_another_checkout_reuses_it(setup, monkeypatch):
+    cfg, tmp = setup
+    fake = FakeTrain()
+    monkeypatch.setattr(experiment, "train", fake)
+    monkeypatch.setattr(experiment, "RUN_SOURCES", experiment.collections.Counter())
+    record = tmp / "records" / "student" / "seed0.json"
+    first = experiment.run(cfg, record)
+    assert fake.calls == [cfg.output_dir] and first["AP"] == pytest.approx(0.1)
+    stored = json.loads(record.read_text())
+    assert stored["metrics"] == first and stored["key"] == ledger.run_key(cfg, "cpu")
+    assert stored["eval_history"] == {"3": {"AP": 0.05}} and stored["seconds"] is not None
+    # another checkout: no output folder, another path; the record stands in for the run
+    other = dataclasses.replace(cfg, output_dir=str(tmp / "other_checkout" / "a"))
+    assert experiment.run(other, record) == first and len(fake.calls) == 1
+    # another seed is another run: trained, its record replaces the old one
+    assert experiment.run(dataclasses.replace(other, seed=2), record)["AP"] == pytest.approx(0.12)
+    assert len(fake.calls) == 2 and json.loads(record.read_text())["config"]["seed"] == 2
+    # fresh: trained again although the record holds it
+    experiment.run(dataclasses.replace(cfg, seed=2, output_dir=str(tmp / "fresh")), record, fresh=True)
+    assert len(fake.calls) == 3
+    # a later row reads this run's checkpoint: the record cannot stand in for it
+    experiment.run(dataclasses.replace(cfg, seed=2, output_dir=str(tmp / "needs")), record, needs_checkpoint=True)
+    assert len(fake.calls) == 4
+    assert experiment.RUN_SOURCES == {"trained": 4, "recorded": 1}
+    assert experiment.sources_line().startswith("Runs: 4 trained in this invocation; 1 read from run records")
+
+
+def test_a_finished_folder_gets_its_record_and_bad_records_are_named(setup, monkeypatch):
+    cfg, tmp = setup
+    monkeypatch.setattr(experiment, "train", FakeTrain())
+    experiment.run(cfg)  # no record asked for
+    record = tmp / "records" / "r.json"
+    # the same run again (its folder is finished): nothing trains, the record is written from the folder
+    monkeypatch.setattr(experiment, "train", None)
+    assert experiment.run(cfg, record)["AP"] == pytest.approx(0.1)
+    assert json.loads(record.read_text())["seconds"] is None
+    record.write_text("{not json")
+    with pytest.raises(ValueError, match="r.json is not valid JSON"):
+        experiment.run(dataclasses.replace(cfg, output_dir=str(tmp / "b")), record)
+    record.write_text(json.dumps({"format": 99}))
+    with pytest.raises(ValueError, match="expected a kdlab run record"):
+        experiment.run(dataclasses.replace(cfg, output_dir=str(tmp / "b")), record)
+
+
+def test_a_missing_teacher_is_named(setup):
+    cfg, tmp = setup
+    with pytest.raises(FileNotFoundError, match="teacher_checkpoint .*nope.pt does not exist"):
+        experiment.run(dataclasses.replace(cfg, teacher_checkpoint=str(tmp / "nope.pt")))
+
+
+def test_experiment_arguments_choose_the_records_folder():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    experiment.add_run_arguments(parser)
+    args = experiment.parse_run_arguments(parser, [], "drkd_shapes", REPO)
+    assert args.records == REPO / "experiments" / "results" / "runs" / "drkd_shapes"
+    assert experiment.group_records(args, "retinanet") == args.records / "retinanet"
+    assert experiment.parse_run_arguments(parser, ["--quick"], "x", REPO).records is None  # a smoke test
+    assert experiment.parse_run_arguments(parser, ["--no-records"], "x", REPO).records is None
+    assert experiment.parse_run_arguments(parser, ["--records", "/r"], "x", REPO).records == Path("/r")
