@@ -15,7 +15,7 @@ from kdlab.engine.optim import is_backbone_parameter
 from kdlab.models import build_detector
 from kdlab.models.base import weighted_total
 from kdlab.models.dab_detr import DABDETR, feature_padding_mask
-from kdlab.models.detr_criterion import HungarianMatcher, SetCriterion, hungarian_match
+from kdlab.models.detr_criterion import HungarianMatcher, SetCriterion, hungarian_match, normalized_gt_boxes
 from kdlab.models.detr_outputs import SetOutput
 from kdlab.models.detr_transformer import image_position_embedding, sine_embedding
 
@@ -401,3 +401,44 @@ def test_coco_configs_are_the_released_recipe(name, backbone):
     model = build_detector(cfg.model, 80, **{**cfg.model_options(), "backbone_weights": None})
     assert model.num_queries == 300 and model.backbone.stride == 32 and model.dec_layers == 6
     assert cfg.backbone == backbone
+
+
+def test_group_detr_groups_are_separate_matched_passes_and_the_loss_is_their_mean():
+    torch.manual_seed(0)
+    model = tiny_detr(train_groups=3).train()
+    images, targets = batch_and_targets()
+    sizes = [(64, 64), (64, 64)]
+    assert model.group_anchor_embed.weight.shape == (2 * 8, 4)
+    out = model(images, sizes, targets)
+    assert len(out.groups) == 2 and out.layer_logits.shape == (2, 2, 8, 3)
+    # the detection pass is the plain model's: a model without groups, same weights, gives it bit for bit
+    plain = tiny_detr().train()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("group_anchor_embed")})
+    reference = plain(images, sizes, targets)
+    assert torch.equal(reference.layer_logits, out.layer_logits) and torch.equal(reference.layer_boxes, out.layer_boxes)
+    # each further group is a separate pass of its own anchors (as an extra query set), matched on its own
+    anchors = model.group_anchor_embed.weight.detach()
+    for k, group in enumerate(out.groups):
+        alone = model(images, sizes, extra_queries={"g": anchors[8 * k:8 * (k + 1)]}).extra["g"]
+        assert torch.equal(alone.layer_logits, group.layer_logits) and torch.equal(alone.layer_boxes, group.layer_boxes)
+        assert [(q.tolist(), g.tolist()) for q, g in group.matches] == \
+            [(q.tolist(), g.tolist()) for q, g in model.matcher(group.pred_logits, group.pred_boxes, targets)]
+    # the loss: the mean over the 3 groups of each group's own DAB-DETR loss
+    criterion = model.build_criterion()
+    terms = criterion(out, targets)
+    per_group = [criterion.pass_losses(p.layer_logits, p.layer_boxes, p.matches, targets,
+                                       [t["labels"] for t in targets],
+                                       [normalized_gt_boxes(t) for t in targets], torch.tensor(float(sum(len(t["labels"]) for t in targets))))
+                 for p in [out, *out.groups]]
+    for name, value in terms.items():
+        assert torch.allclose(value, sum(g[name] for g in per_group) / 3), name
+    # every group's anchors get a gradient from the loss
+    weighted_total(terms, criterion.weight_dict).backward()
+    assert model.group_anchor_embed.weight.grad.abs().sum(dim=1).gt(0).all()
+    # in evaluation only the first group runs: the outputs of the plain model
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        evaluated, reference = model(images, sizes), plain(images, sizes)
+    assert evaluated.groups == [] and torch.equal(evaluated.pred_logits, reference.pred_logits)
+    with pytest.raises(ValueError, match="train_groups"):
+        tiny_detr(train_groups=0)

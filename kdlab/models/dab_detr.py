@@ -13,6 +13,7 @@ queries (KD-DETR's distillation points, METHODS.md §3).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -96,6 +97,12 @@ class DABDETR(Detector):
         pe_temperature: temperature ``T`` of the image sine embedding (20 in DAB-DETR, §4.5).
         prior_prob: initial foreground probability of the class head (focal-loss bias init).
         detections_per_img: top-k over ``Q x C`` scores in :meth:`postprocess` (100, COCO's maxDets).
+        train_groups: Group DETR's ``K`` (Chen et al., ICCV 2023): in training, ``K - 1`` further groups of
+            ``Q`` learned anchors are decoded, each in its own pass (so no group attends to another, as
+            Group DETR's block-diagonal self-attention mask) and Hungarian-matched to the ground truth on its
+            own: every object supervises ``K`` queries per step, which speeds up DETR's convergence. The
+            loss is the mean of the groups' losses (:class:`~kdlab.models.detr_criterion.SetCriterion`). In
+            evaluation only the first group runs: the trained model is a plain DAB-DETR. 1: off (published).
     """
 
     output_kind = "set"
@@ -110,12 +117,12 @@ class DABDETR(Detector):
         hidden_dim: int = 256, num_queries: int = 300, enc_layers: int = 6, dec_layers: int = 6, num_heads: int = 8,
         dim_feedforward: int = 2048, dropout: float = 0.0, activation: str = "prelu", pe_temperature: float = 20.0,
         # the heads and the output
-        prior_prob: float = 0.01, detections_per_img: int = 100,
+        prior_prob: float = 0.01, detections_per_img: int = 100, train_groups: int = 1,
     ):
         super().__init__()
         checks = {"num_classes": num_classes, "num_queries": num_queries, "enc_layers": enc_layers,
                   "dec_layers": dec_layers, "num_heads": num_heads, "dim_feedforward": dim_feedforward,
-                  "detections_per_img": detections_per_img}
+                  "detections_per_img": detections_per_img, "train_groups": train_groups}
         for name, value in checks.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -133,6 +140,9 @@ class DABDETR(Detector):
         self.encoder = TransformerEncoder(hidden_dim, num_heads, enc_layers, dim_feedforward, dropout, activation)
         self.decoder = DABDecoder(hidden_dim, num_heads, dec_layers, dim_feedforward, dropout, activation)
         self.anchor_embed = nn.Embedding(num_queries, 4)  # A_q in inverse-sigmoid space, N(0, 1) init
+        self.train_groups = train_groups
+        # Group DETR's further groups (training only); None keeps a plain model's state dict unchanged
+        self.group_anchor_embed = nn.Embedding((train_groups - 1) * num_queries, 4) if train_groups > 1 else None
         self.class_head = nn.Linear(hidden_dim, num_classes)
         self.box_head = MLP(hidden_dim, hidden_dim, 4, 3)
         self.matcher = HungarianMatcher()
@@ -175,6 +185,12 @@ class DABDETR(Detector):
         memory = self.encoder(src, pos, padding_mask)
 
         detection = self.decode(memory, pos, padding_mask, self.query_anchors.expand(batch, -1, -1))
+        groups = []
+        if self.training and self.group_anchor_embed is not None:  # Group DETR: each further group on its own
+            for anchors in self.group_anchor_embed.weight.split(self.num_queries):
+                pass_ = self.decode(memory, pos, padding_mask, anchors.expand(batch, -1, -1))
+                groups.append(dataclasses.replace(pass_, matches=None if targets is None else self.matcher(
+                    pass_.pred_logits, pass_.pred_boxes, targets)))
         extra = {}
         for name, anchors in (extra_queries or {}).items():  # after the detection pass: it stays bit-identical
             extra[name] = self.decode(memory, pos, padding_mask, self._batched_anchors(name, anchors, batch).to(memory))
@@ -186,6 +202,7 @@ class DABDETR(Detector):
             pred_logits=detection.pred_logits, pred_boxes=detection.pred_boxes, layer_logits=detection.layer_logits,
             layer_boxes=detection.layer_boxes, layer_references=detection.layer_references,
             query_anchors=self.query_anchors, image_sizes=list(image_sizes), extra=extra, matches=matches,
+            groups=groups,
         )
 
     def decode(self, memory: Tensor, memory_pos: Tensor, padding_mask: Tensor, anchors: Tensor) -> QueryPassOutput:

@@ -135,11 +135,26 @@ class SetCriterion(Criterion):
         gt_boxes = [normalized_gt_boxes(t).to(device) for t in targets]
         gt_labels = [t["labels"].to(device) for t in targets]
         num_boxes = reduce_normalizer(torch.tensor(float(sum(len(g) for g in gt_labels)), device=device))
+        terms = self.pass_losses(output.layer_logits, output.layer_boxes, output.matches, targets, gt_labels,
+                                 gt_boxes, num_boxes)
+        if output.groups:  # Group DETR: every group matched on its own, the loss the mean over the K groups
+            for group in output.groups:
+                group_terms = self.pass_losses(group.layer_logits, group.layer_boxes, group.matches, targets,
+                                               gt_labels, gt_boxes, num_boxes)
+                terms = {name: value + group_terms[name] for name, value in terms.items()}
+            terms = {name: value / (1 + len(output.groups)) for name, value in terms.items()}
+        return terms
+
+    def pass_losses(self, layer_logits: Tensor, layer_boxes: Tensor, final_matches: list | None, targets: list[dict],
+                    gt_labels: list[Tensor], gt_boxes: list[Tensor], num_boxes: Tensor) -> dict[str, Tensor]:
+        """Every layer's three terms of one decoder pass (``final_matches``: its last layer's matching when
+        the detector made it already, else None)."""
+        num_layers = layer_logits.shape[0]
         terms = {}
         for layer in range(num_layers):
-            logits, boxes = output.layer_logits[layer], output.layer_boxes[layer]
-            if layer == num_layers - 1 and output.matches is not None:
-                matches = output.matches  # the detector matched the final layer already
+            logits, boxes = layer_logits[layer], layer_boxes[layer]
+            if layer == num_layers - 1 and final_matches is not None:
+                matches = final_matches  # the detector matched the final layer already
             else:
                 matches = self.matcher(logits, boxes, targets)
             suffix = "" if layer == num_layers - 1 else f"_{layer}"

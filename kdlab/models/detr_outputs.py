@@ -40,11 +40,14 @@ class QueryPassOutput:
             ``layer_references[0] = sigmoid(anchors)``, ``layer_references[l]`` the anchor layer ``l - 1``
             updated (from its content before the decoder's final norm, as the released code; the
             prediction ``layer_boxes[l - 1]`` comes from the content after it), detached.
+        matches: for a Group DETR training group given targets, its final layer's Hungarian matching per
+            image (as :attr:`SetOutput.matches`); None otherwise.
     """
 
     layer_logits: Tensor
     layer_boxes: Tensor
     layer_references: Tensor
+    matches: list[tuple[Tensor, Tensor]] | None = None
 
     @property
     def pred_logits(self) -> Tensor:
@@ -81,6 +84,8 @@ class SetOutput(DetectorOutput):
             separate decoder pass.
         matches: when the forward was given targets, the final layer's Hungarian matching per image,
             ``(query_idx [K_i], gt_idx [K_i])`` with ``K_i = min(Q, G_i)``.
+        groups: in training with Group DETR (``train_groups = K > 1``), the ``K - 1`` further groups'
+            separate passes (each with its own ``matches``); empty otherwise.
         source: what produced the output (for messages).
     """
 
@@ -99,6 +104,7 @@ class SetOutput(DetectorOutput):
     image_sizes: list[tuple[int, int]]
     extra: dict[str, QueryPassOutput] = field(default_factory=dict)
     matches: list[tuple[Tensor, Tensor]] | None = None
+    groups: list[QueryPassOutput] = field(default_factory=list)
     source: str = "DAB-DETR"
 
     @property
