@@ -162,6 +162,24 @@ def test_ld_calibration_and_gid_terms_smoke_tests(tiny_shapes, tmp_path):
     assert results["mean"]["detection"]["cos detection (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
     assert results["mean"]["loss_gid_feature"]["cos feature term (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
     assert results["mean"]["loss_gid_relation"]["grad norm head"] == 0.0  # it reaches the backbone and FPN only
+    drkd = load_script("drkd_terms")
+    assert drkd.main(["--iters", "2", "--every", "1", "--data-root", str(tiny_shapes), "--out", str(tmp_path / "drkd")]) == 0
+    results = json.loads((tmp_path / "drkd" / "results.json").read_text())
+    for family in ("retinanet", "faster_rcnn"):
+        mean = results["families"][family]["mean"]
+        assert set(mean) == {"detection", "loss_drkd_pixel", "loss_drkd_instance", "loss_drkd_instance_feature"}
+        assert mean["detection"]["cos detection (backbone+FPN)"] == pytest.approx(1.0, abs=1e-3)
+        # DRKD reads the FPN maps only: nothing reaches the heads
+        assert all(mean[t]["grad norm head"] == 0.0 for t in mean if t != "detection")
+    assert "- faster_rcnn: loss_drkd_pixel " in (tmp_path / "drkd" / "results.md").read_text()
+
+
+def test_drkd_terms_reading_by_hand():
+    drkd = load_script("drkd_terms")
+    stats = {"grad norm / detection's (backbone+FPN)": 0.5, "cos detection (backbone+FPN)": -0.125}
+    parts = {"faster_rcnn": {"mean_after_warmup": {"detection": {}, "loss_drkd_pixel": stats}}}
+    assert drkd.reading(parts).splitlines()[-1] == \
+        "- faster_rcnn: loss_drkd_pixel 0.50x detection's gradient, cosine -0.12."
 
 
 def test_a_partial_selection_is_named_and_never_published():
