@@ -113,7 +113,7 @@ def bench(scale: str, device: torch.device, repeats: int, warmup: int, batch: in
     sizes = [(size, size)] * batch
     summary = time_distilled_steps(task, teacher, kd_task, "kd_detr", images, targets, device, repeats, warmup, [student])
     alone = passes_alone(criterion, student, teacher, images, sizes, device, repeats, warmup)
-    points = student.num_queries + num_general
+    points = teacher.num_queries + num_general  # the specific points are the teacher's anchors
     return {"scale": scale, "device": str(device), "batch": batch, "image_size": size, **summary,
             "detection_queries": student.num_queries, "distillation_points": points,
             "passes_alone_s": min(alone), "terms_share": min(alone) / summary["student_min_s"]}

@@ -194,10 +194,12 @@ def test_losses_by_hand(variant, weighting, temperature):
     terms = criterion(as_output(s_logits, s_boxes, "general"), as_output(t_layers, t_box_layers, "general"), [])
     expected = by_hand(s_logits, s_boxes, t_logits, t_boxes, temperature, per_image=variant == "kdlab",
                        weighting=weighting)
+    # the released code's box term is the mean over the four coordinates (its kd_loss.py), kdlab's the L1
+    # norm of the paper's equation and DETR's loss_bbox: a quarter of it
+    expected["l1"] = expected["l1"] / 4 if variant == "official" else expected["l1"]
     for key in ("cls", "l1", "giou"):
         assert terms[f"loss_kdd_general_{key}"].item() == pytest.approx(expected[key], rel=1e-5), key
-    # the L1 term is the L1 norm of the four coordinates (DETR's loss_bbox), not their mean
-    assert expected["l1"] > 0 and terms["loss_kdd_general_l1"].item() != pytest.approx(expected["l1"] / 4)
+    assert expected["l1"] > 0
 
 
 def test_identical_outputs_give_zero_and_missing_passes_are_named():

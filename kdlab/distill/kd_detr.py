@@ -21,7 +21,10 @@ At each point ``p``, for every student decoder layer ``l`` against the teacher's
 for ``set`` in ``specific`` and ``general``; classification weight 1 for each set. Paper vs code: the
 released code sums the classification term over the points of its batch (8 images per GPU); kdlab
 divides by the number of images ``B`` so the term does not grow with the batch (``variant="official"``:
-the sum). Never are GT boxes fed in place of the shared points (the released denoising path does,
+the sum). The released box term takes the *mean* of the four coordinates' absolute differences
+(``F.l1_loss(..., reduction="none").mean(1)`` in its ``kd_loss.py``), a quarter of the L1 norm of the
+paper's equation and of DETR's own ``loss_bbox``, which kdlab uses; ``variant="official"`` takes the
+mean. Never are GT boxes fed in place of the shared points (the released denoising path does,
 which breaks the correspondence).
 
 :class:`MatchedQueryKD` is the baseline: distil through the *detection* queries, after pairing the
@@ -63,7 +66,8 @@ class KDDETR(DistillCriterion):
         weighting: the foreground weight ``w_p`` (off: every point counts 1).
         temperature: ``T`` of the classification term (10).
         cls_weight, l1_weight, giou_weight: term weights (1, 5, 2); 0 switches a term off.
-        variant: ``"kdlab"`` (classification term per image) or ``"official"`` (summed over the batch).
+        variant: ``"kdlab"`` (classification term per image, L1 norm of the box difference) or ``"official"``
+            (the released code: classification summed over the batch, box L1 the mean of the 4 coordinates).
     """
 
     name = "kd_detr"
@@ -142,6 +146,8 @@ class KDDETR(DistillCriterion):
             terms[prefix + "cls"] = (weight * kl).sum() / images
         if prefix + "l1" in self.weight_dict:
             l1 = point_box_l1(student_boxes, teacher_boxes.expand_as(student_boxes))
+            if self.variant == "official":  # the released kd_loss.py: mean over the 4 coordinates
+                l1 = l1 / 4
             terms[prefix + "l1"] = sum(weighted_mean(layer, weight, weight_sum) for layer in l1)
         if prefix + "giou" in self.weight_dict:
             giou = point_giou(student_boxes, teacher_boxes.expand_as(student_boxes))
