@@ -189,7 +189,7 @@ def cached_teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path
     digest = file_digest(teacher_checkpoint)
     if cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored.get("teacher_digest", None) == digest:
+        if stored.get("teacher_digest") == digest:
             return float(stored["ratio"])
     ratio = teacher_cost_ratio(student_cfg, teacher_checkpoint)
     cache.parent.mkdir(parents=True, exist_ok=True)

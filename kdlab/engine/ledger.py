@@ -20,7 +20,6 @@ another schedule does not.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import hashlib
 import json
@@ -142,17 +141,6 @@ def differing_fields(path: Path, cfg: TrainConfig, device_type: str) -> list[str
     stored = json.loads(path.read_text()).get("key_fields", {})
     now = key_fields(cfg, device_type)
     return sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
-
-
-@dataclasses.dataclass
-class Provenance:
-    """How many rows of a table were trained in this invocation and how many came from records."""
-    trained: int = 0
-    folder: int = 0
-    recorded: int = 0
-
-    def line(self) -> str:
-        return provenance_line(self.trained, self.folder, self.recorded)
 
 
 def provenance_line(trained: int, folder: int, recorded: int) -> str:
