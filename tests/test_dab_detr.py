@@ -94,6 +94,26 @@ def test_matcher_cost_by_hand_and_brute_force():
     assert cost[query_idx, gt_idx].sum().item() == pytest.approx(brute_force_match(cost)[0])
 
 
+def test_batched_matcher_solves_each_image_on_its_own_cost():
+    """The matcher computes one cost matrix for the batch; each image must still be matched on its own
+    block only (an image with no box gets empty indices; a batch with no box at all works too)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 6, 4, generator=generator)
+    boxes = torch.cat([torch.rand(3, 6, 2, generator=generator) * 0.6 + 0.2,
+                       torch.rand(3, 6, 2, generator=generator) * 0.3 + 0.1], dim=-1)
+    targets = [target([[10, 20, 60, 50], [100, 5, 190, 95], [30, 30, 40, 45]], [2, 0, 3], (100, 200)),
+               target([], [], (100, 200)),
+               target([[0, 0, 50, 50]], [1], (80, 120))]
+    matcher = HungarianMatcher()
+    matches = matcher(logits, boxes, targets)
+    for image, (query_idx, gt_idx) in enumerate(matches):
+        cost = matcher.cost_matrix(logits[image], boxes[image], targets[image]["labels"], normalized_gt_boxes(targets[image]))
+        assert len(query_idx) == len(gt_idx) == len(targets[image]["labels"])
+        if len(gt_idx):
+            assert cost[query_idx, gt_idx].sum().item() == pytest.approx(brute_force_match(cost)[0], abs=1e-5)
+    assert [len(q) for q, _ in matcher(logits, boxes, [targets[1]] * 3)] == [0, 0, 0]
+
+
 def set_output(layer_logits, layer_boxes, image_sizes):
     layer_logits, layer_boxes = torch.tensor(layer_logits), torch.tensor(layer_boxes)
     batch, num_q = layer_boxes.shape[1:3]

@@ -93,12 +93,16 @@ class HungarianMatcher(nn.Module):
         Returns:
             Per image ``(query_idx, gt_idx)`` (CPU int64, ``min(Q, G)`` long, sorted by query).
         """
-        matches = []
-        for logits, boxes, target in zip(pred_logits, pred_boxes, targets):
-            gt_boxes = normalized_gt_boxes(target).to(boxes.device)
-            cost = self.cost_matrix(logits, boxes, target["labels"].to(boxes.device), gt_boxes)
-            matches.append(hungarian_match(cost))
-        return matches
+        # one cost matrix for the whole batch ([B * Q, sum of G], every element computed as for its image
+        # alone), then each image's block solved on its own: 16 x fewer small kernels per pass (DETR's way)
+        batch, num_queries = pred_logits.shape[:2]
+        device = pred_boxes.device
+        sizes = [len(target["labels"]) for target in targets]
+        gt_boxes = torch.cat([normalized_gt_boxes(target).to(device) for target in targets])
+        gt_labels = torch.cat([target["labels"].to(device) for target in targets])
+        cost = self.cost_matrix(pred_logits.flatten(0, 1), pred_boxes.flatten(0, 1), gt_labels, gt_boxes)
+        blocks = cost.view(batch, num_queries, sum(sizes)).cpu().split(sizes, dim=-1)
+        return [hungarian_match(block[image]) for image, block in enumerate(blocks)]
 
 
 class SetCriterion(Criterion):
