@@ -45,6 +45,10 @@ class TrainConfig:
         backbone, backbone_width, backbone_weights, backbone_norm, fpn_channels, head_convs,
         reg_max, octave_base_scale, anchor_scale, weights: detector options (``weights``: zoo detectors' pretrained
         weights; ``octave_base_scale``: GFL's anchor side in strides, 8 for COCO-sized images).
+        init_checkpoint: a kdlab detector checkpoint (an exported ``student.pt`` or a training ``last.pt``)
+            whose weights start the student, to continue a finished schedule or fine-tune; it must hold
+            the configured detector (same model, options and number of classes), else a ``ConfigError``.
+            Unlike ``resume`` it restores no optimiser, schedule or data order.
         detector_options: extra keyword arguments of ``build_detector``, for detectors with options
         beyond the fields above (e.g. DAB-DETR's ``num_queries``,
         Faster R-CNN's ``box_batch_size_per_image``); merged into ``model_options()``.
@@ -102,6 +106,7 @@ class TrainConfig:
     octave_base_scale: float | None = None
     anchor_scale: float | None = None
     weights: str | None = None
+    init_checkpoint: str | None = None
     detector_options: dict[str, Any] = field(default_factory=dict)
     # optimisation
     optimizer: str = "sgd"

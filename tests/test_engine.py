@@ -15,7 +15,7 @@ from torch.utils.data import DistributedSampler
 
 import kdlab.engine.build
 import kdlab.engine.loop
-from kdlab.config import TrainConfig
+from kdlab.config import ConfigError, TrainConfig
 from kdlab.data import build_dataset
 from kdlab.distill.base import DistillationTask, DistillCriterion
 from kdlab.engine import (CheckpointError, DistContext, ResumableBatchSampler, atomic_save, build_loader,
@@ -333,6 +333,27 @@ def test_baseline_run_outputs(baseline, tiny_shapes):
 
 
 @pytest.mark.slow
+def test_init_checkpoint_starts_the_student_from_stored_weights_and_names_a_mismatch(baseline, tiny_shapes, tmp_path):
+    baseline_dir, _ = baseline
+    stored = safe_load(baseline_dir / "student.pt")["state_dict"]
+    for source in ("student.pt", "last.pt"):  # an exported detector or a training checkpoint
+        cfg = tiny_config(tiny_shapes, tmp_path / source, init_checkpoint=str(baseline_dir / source))
+        student = kdlab.engine.build.build_student(cfg, 8)
+        for name, value in student.state_dict().items():
+            assert torch.equal(value, stored[name]), (source, name)
+    fresh = kdlab.engine.build.build_student(tiny_config(tiny_shapes, tmp_path / "fresh"), 8)
+    assert any(not torch.equal(v, stored[k]) for k, v in fresh.state_dict().items())
+    with pytest.raises(ConfigError, match=r"init_checkpoint .* another detector .*backbone_width: checkpoint 8, config 16"):
+        kdlab.engine.build.build_student(tiny_config(tiny_shapes, tmp_path / "w", backbone_width=16,
+                                                     init_checkpoint=str(baseline_dir / "student.pt")), 8)
+    with pytest.raises(ConfigError, match="init_checkpoint .* has 8 classes, the dataset 3"):
+        kdlab.engine.build.build_student(tiny_config(tiny_shapes, tmp_path / "c",
+                                                     init_checkpoint=str(baseline_dir / "student.pt")), 3)
+    with pytest.raises(ConfigError, match="init_checkpoint: checkpoint .*missing.pt does not exist"):
+        kdlab.engine.build.build_student(tiny_config(tiny_shapes, tmp_path / "m",
+                                                     init_checkpoint=str(tmp_path / "missing.pt")), 8)
+
+
 def test_resume_at_epoch_boundary_is_exact(baseline, tiny_shapes, tmp_path):
     quiet_train(tiny_config(tiny_shapes, tmp_path, max_iters=4))
     last = safe_load(tmp_path / "last.pt")

@@ -58,6 +58,24 @@ def test_key_ignores_what_does_not_change_the_run_and_sees_what_does(setup):
     assert ledger.file_digest(Path(cfg.teacher_checkpoint)) == expected
 
 
+def test_a_field_added_later_leaves_the_older_keys_alone_until_it_is_set(setup):
+    """init_checkpoint came after the first records: at its default it is not part of the key (the key is
+    what it was before the field existed); set to a file, the file's bytes are."""
+    cfg, tmp = setup
+    fields = ledger.key_fields(cfg, "cpu")
+    assert "init_checkpoint" not in fields
+    before = {k: v for k, v in cfg.to_dict().items() if k != "init_checkpoint" and k not in ledger.IGNORED_FIELDS}
+    before.update(device="cpu", data_root=fields["data_root"], teacher_checkpoint=fields["teacher_checkpoint"])
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert ledger.run_key(cfg, "cpu") == hashlib.sha256(text.encode()).hexdigest()
+    start = tmp / "start.pt"
+    start.write_bytes(b"weights a")
+    key_a = ledger.run_key(dataclasses.replace(cfg, init_checkpoint=str(start)), "cpu")
+    start.write_bytes(b"weights b")
+    key_b = ledger.run_key(dataclasses.replace(cfg, init_checkpoint=str(start)), "cpu")
+    assert len({ledger.run_key(cfg, "cpu"), key_a, key_b}) == 3
+
+
 class FakeTrain:
     """Stands in for kdlab.engine.loop.train: counts calls, writes the files a finished run leaves."""
 

@@ -82,8 +82,45 @@ def build_loader(dataset: Dataset, cfg: TrainConfig, ctx: DistContext, *, train:
 
 
 def build_student(cfg: TrainConfig, num_classes: int) -> Detector:
-    """``build_detector(cfg.model, num_classes, **cfg.model_options())``."""
-    return build_detector(cfg.model, num_classes, **cfg.model_options())
+    """``build_detector(cfg.model, num_classes, **cfg.model_options())``, started from the weights of
+    ``cfg.init_checkpoint`` when it is set (:func:`init_from_checkpoint`)."""
+    student = build_detector(cfg.model, num_classes, **cfg.model_options())
+    if cfg.init_checkpoint is not None:
+        init_from_checkpoint(student, cfg, num_classes)
+    return student
+
+
+def init_from_checkpoint(student: Detector, cfg: TrainConfig, num_classes: int) -> None:
+    """Copy the weights of the detector stored in ``cfg.init_checkpoint`` into ``student``.
+
+    Raises:
+        ConfigError: naming ``init_checkpoint``, when the file is missing or not a kdlab detector
+            checkpoint, or holds another model, other options or another number of classes.
+    """
+    path = cfg.init_checkpoint
+    try:
+        source = load_detector(path)
+    except CheckpointError as err:
+        raise ConfigError(f"init_checkpoint: {err}") from None
+    stored = safe_load(path)
+    if "task" in stored and "config" in stored:  # a training last.pt
+        stored_cfg = TrainConfig(**stored["config"])
+        stored_model = {"name": stored_cfg.model, **stored_cfg.model_options()}
+    else:
+        stored_model = dict(stored["model"])
+    configured = {"name": cfg.model, **cfg.model_options()}
+    ignored = ("backbone_weights", "weights", "init_checkpoint")
+    differences = sorted(k for k in set(stored_model) | set(configured) if k not in ignored
+                         and stored_model.get(k) != configured.get(k))
+    if differences:
+        listed = ", ".join(f"{k}: checkpoint {stored_model.get(k)!r}, config {configured.get(k)!r}" for k in differences)
+        raise ConfigError(f"init_checkpoint {path} holds another detector than the config's ({listed})")
+    if len(source.class_names) != num_classes:
+        raise ConfigError(f"init_checkpoint {path} has {len(source.class_names)} classes, the dataset {num_classes}")
+    try:
+        student.load_state_dict(source.state_dict())
+    except RuntimeError as err:
+        raise ConfigError(f"init_checkpoint {path}: its weights do not fit the configured detector ({err})") from None
 
 
 # the project's teacher checkpoints (data/checkpoints/README.md) -> the config that trains each; any other

@@ -34,8 +34,11 @@ from kdlab.config import TrainConfig
 from kdlab.engine.checkpoint import atomic_save_json
 
 IGNORED_FIELDS = ("output_dir", "num_workers", "log_every", "checkpoint_every_iters")
-FILE_FIELDS = ("backbone_weights", "weights", "teacher_config", "teacher_checkpoint", "teacher_weights")
+FILE_FIELDS = ("backbone_weights", "weights", "init_checkpoint", "teacher_config", "teacher_checkpoint", "teacher_weights")
 FORMAT = 1
+# fields added to TrainConfig after the first records: left out of the key while at this default, so that a
+# new field does not orphan the records of runs that could not have set it
+LATER_FIELDS = {"init_checkpoint": None}
 
 
 def file_digest(path: Path) -> str:
@@ -62,6 +65,9 @@ def key_fields(cfg: TrainConfig, device_type: str) -> dict[str, Any]:
     fields = cfg.to_dict()
     for name in IGNORED_FIELDS:
         fields.pop(name)
+    for name, default in LATER_FIELDS.items():
+        if fields.get(name) == default:
+            fields.pop(name, None)
     fields["device"] = device_type
     fields["data_root"] = dataset_digest(cfg)
     for name in FILE_FIELDS:
