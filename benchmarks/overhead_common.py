@@ -93,7 +93,8 @@ def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn
                          targets: list[dict], device: torch.device, repeats: int, warmup: int,
                          modules: list[nn.Module]) -> dict:
     """The three training steps timed side by side (:func:`rotating_times`: ``student``, ``student+teacher``
-    and the distilled step ``name``; forward, loss, backward) and :func:`overhead_summary` of them."""
+    and the distilled step ``name``; forward, loss, backward) and :func:`overhead_summary` of them. The
+    teacher stops after its FPN where the distilled task's methods read nothing else (DRKD)."""
     from kdlab.models.base import weighted_total
 
     sizes = [tuple(image.shape[-2:]) for image in images]
@@ -101,10 +102,16 @@ def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn
     def student_step():
         weighted_total(task(images, targets), task.weight_dict).backward()
 
+    distillers = getattr(distilled_task, "distillers", {})
+    features_only = bool(distillers) and all(c.teacher_features_only for c in distillers.values())
+
     def student_teacher_step():
         terms = task(images, targets)
         with torch.no_grad():
-            teacher(images, sizes)
+            if features_only:  # the method runs its teacher to the FPN only (DRKD)
+                teacher.forward_features(images, sizes)
+            else:
+                teacher(images, sizes)
         weighted_total(terms, task.weight_dict).backward()
 
     def distilled_step():

@@ -415,6 +415,61 @@ def test_unsupported_pairing_raises():
         DRKD(tiny_detector("retinanet", 16, 0), tiny_detector("faster_rcnn", 16, 1))
 
 
+@pytest.mark.parametrize("family", ["gfl", "retinanet", "fcos", "faster_rcnn"])
+def test_forward_features_are_the_full_forwards_maps(family):
+    """What a features-only teacher computes: the full forward's FPN maps, bit for bit, with its strides."""
+    if family in ("gfl", "fcos"):
+        from kdlab.models import build_detector
+
+        torch.manual_seed(2)
+        model = build_detector(family, 3, backbone="resnet18", backbone_width=8, backbone_norm="gn", fpn_channels=16,
+                               head_convs=1, reg_max=4)
+    else:
+        model = tiny_detector(family, 16, 2)
+    model.eval()
+    images, _ = detector_batch()
+    sizes = [(96, 96), (90, 96)]
+    with torch.no_grad():
+        full, maps = model(images, sizes), model.forward_features(images, sizes)
+    assert maps.kind == "features" and maps.feature_strides == full.feature_strides
+    assert len(maps.features) == len(full.features)
+    for ours, theirs in zip(maps.features, full.features):
+        assert torch.equal(ours, theirs)
+
+
+def test_drkd_runs_the_teacher_to_its_fpn_only_and_the_terms_do_not_change():
+    from kdlab.distill import DistillationTask
+    from kdlab.distill.base import DistillCriterion
+    from kdlab.models.outputs import FeatureOutput
+
+    class ReadsPredictions(DistillCriterion):  # any method without teacher_features_only
+        def forward(self, student_out, teacher_out, targets):
+            return {}
+
+    student, teacher = tiny_detector("faster_rcnn", 16, 0), tiny_detector("faster_rcnn", 32, 1)
+    drkd = DRKD(student, teacher, num_nodes=4)
+    task = DistillationTask(student, teacher, [drkd]).train()
+    images, targets = detector_batch()
+    teacher_out = task.teacher_forward(images, targets)
+    assert isinstance(teacher_out, FeatureOutput) and teacher_out.feature_strides == [4, 8, 16, 32, 64]
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append("full forward"))
+    torch.manual_seed(0)
+    terms = task(images, targets)
+    assert calls == []  # the teacher's heads never ran
+    with torch.no_grad():
+        full = teacher(images, [(96, 96), (90, 96)])
+    student_out = student(images, [(96, 96), (90, 96)], targets)
+    by_full = drkd(student_out, full, targets)
+    for name, value in by_full.items():
+        assert torch.equal(terms[name], value), name
+    # with a method that reads the teacher's predictions the whole teacher runs
+    calls.clear()
+    mixed = DistillationTask(student, teacher, [drkd, ReadsPredictions(student, teacher)])
+    assert not isinstance(mixed.teacher_forward(images, targets), FeatureOutput)
+    assert calls == ["full forward"]
+
+
 # ----------------------------------------------------------------------------- through the engine
 def drkd_run_config(data_root, output_dir, teacher_path, **changes):
     from kdlab.config import TrainConfig

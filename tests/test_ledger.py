@@ -154,3 +154,24 @@ def test_experiment_arguments_choose_the_records_folder():
     assert experiment.parse_run_arguments(parser, ["--quick"], "x", REPO).records is None  # a smoke test
     assert experiment.parse_run_arguments(parser, ["--no-records"], "x", REPO).records is None
     assert experiment.parse_run_arguments(parser, ["--records", "/r"], "x", REPO).records == Path("/r")
+
+
+def test_the_teacher_cost_follows_how_the_method_runs_its_teacher(setup, monkeypatch):
+    """DRKD reads only the teacher's FPN maps, so its compute-matched baseline pays for the teacher's backbone
+    + FPN; a cached ratio measured with the whole teacher (or before the kind was recorded) is measured again."""
+    cfg, tmp = setup
+    assert experiment.teacher_forward_kind(cfg) == "features"  # the DRKD student config
+    assert experiment.teacher_forward_kind(dataclasses.replace(cfg, distill=None, distill_options={})) == "full"
+    assert experiment.teacher_forward_kind(dataclasses.replace(cfg, distill="ld", distill_options={})) == "full"
+    assert experiment.teacher_forward_kind(dataclasses.replace(cfg, distill="drkd+fitnet", distill_options={})) == "full"
+    measured = []
+    monkeypatch.setattr(experiment, "teacher_cost_ratio", lambda c, t: measured.append(experiment.teacher_forward_kind(c)) or 0.5)
+    cache = tmp / "teacher_cost.json"
+    digest = ledger.file_digest(Path(cfg.teacher_checkpoint))
+    cache.write_text(json.dumps({"teacher_digest": digest, "ratio": 2.46}))  # an older cache: the whole teacher
+    assert experiment.cached_teacher_cost_ratio(cfg, Path(cfg.teacher_checkpoint), cache) == 0.5
+    assert json.loads(cache.read_text())["teacher_forward"] == "features" and measured == ["features"]
+    assert experiment.cached_teacher_cost_ratio(cfg, Path(cfg.teacher_checkpoint), cache) == 0.5 and len(measured) == 1
+    plain = dataclasses.replace(cfg, distill=None, distill_options={})
+    assert experiment.cached_teacher_cost_ratio(plain, Path(cfg.teacher_checkpoint), cache) == 0.5
+    assert measured == ["features", "full"]

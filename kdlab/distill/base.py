@@ -33,6 +33,9 @@ class DistillCriterion(nn.Module):
     - ``supported_kinds``: the output kinds they read (``"dense"``, ``"two_stage"``, ``"set"``),
       checked against both models when the criterion is built;
     - ``teacher_needs_targets``: run the teacher with the targets (its own label assignment);
+    - ``teacher_features_only``: the method reads only the teacher's FPN maps; when every method of a
+      task says so, the teacher stops after its FPN (:meth:`~kdlab.models.base.Detector.forward_features`:
+      no heads, no post-processing; the same maps);
     - :meth:`shared_inputs`: keyword arguments fed to the forward of both models.
 
     Args:
@@ -44,6 +47,7 @@ class DistillCriterion(nn.Module):
     method: str = "distillation"
     supported_kinds: tuple[str, ...] = ("dense", "two_stage", "set")
     teacher_needs_targets: bool = False
+    teacher_features_only: bool = False
 
     def __init__(self, student: Detector, teacher: Detector):
         super().__init__()
@@ -115,10 +119,18 @@ class DistillationTask(DetectionTask):
         for c in self.distillers.values():
             shared.update(c.shared_inputs(images, targets, self.student, self.teacher))
         student_out = self.student(images, sizes, targets, **shared)
+        return student_out, self.teacher_forward(images, targets, shared)
+
+    def teacher_forward(self, images: Tensor, targets: list[dict], shared: dict | None = None):
+        """The teacher's output of this step, without gradient: its FPN maps only when every method reads
+        nothing else (``teacher_features_only``) and no method feeds it extra inputs, else its full output
+        (with its label assignment when a method needs it). Benchmarks time the teacher through this."""
+        sizes = image_sizes_of(targets)
         with torch.no_grad():
+            if not shared and all(c.teacher_features_only for c in self.distillers.values()):
+                return self.teacher.forward_features(images, sizes)
             needs_targets = any(c.teacher_needs_targets for c in self.distillers.values())
-            teacher_out = self.teacher(images, sizes, targets if needs_targets else None, **shared)
-        return student_out, teacher_out
+            return self.teacher(images, sizes, targets if needs_targets else None, **(shared or {}))
 
     def forward(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:
         student_out, teacher_out = self.run_models(images, targets)

@@ -140,6 +140,7 @@ class DRKD(DistillCriterion):
     name = "drkd"
     method = "DRKD"
     supported_kinds = ("dense", "two_stage")
+    teacher_features_only = True  # reads the teacher's FPN maps only: its heads are not run
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, variant: str = "paper",
                  pixel_weight: float | None = None, instance_weight: float | None = None,

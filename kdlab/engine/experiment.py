@@ -134,9 +134,22 @@ def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str
     return metrics
 
 
+def teacher_forward_kind(cfg: TrainConfig) -> str:
+    """How ``cfg``'s distillation runs its teacher: ``"features"`` when every method reads only the teacher's
+    FPN maps (``teacher_features_only``, e.g. DRKD: the teacher stops after its FPN), else ``"full"``."""
+    from kdlab.distill import METHODS, method_options
+
+    if cfg.distill is None:
+        return "full"
+    names = method_options(cfg.distill, cfg.distill_options)
+    return "features" if all(METHODS[name].teacher_features_only for name in names) else "full"
+
+
 def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, rounds: int = 8, warmup: int = 2) -> float:
     """``r = t(teacher forward) / t(student training step)``, medians over ``rounds`` interleaved
-    measurements on real training batches of ``student_cfg`` (this process's threads and device)."""
+    measurements on real training batches of ``student_cfg`` (this process's threads and device). The
+    teacher runs as ``student_cfg``'s distillation runs it (:func:`teacher_forward_kind`): only to its FPN
+    for a method that reads nothing else, so the compute-matched baseline pays what the method pays."""
     from kdlab.data import build_dataset
     from kdlab.data.transforms import image_sizes_of
     from kdlab.engine.build import build_loader, build_student
@@ -151,6 +164,7 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
     task = DetectionTask(build_student(student_cfg, dataset.num_classes)).to(device).train()
     teacher = load_detector(teacher_checkpoint, device).eval()
     optimizer = torch.optim.SGD(task.trainable_parameters(), lr=1e-6)
+    teacher_call = teacher.forward_features if teacher_forward_kind(student_cfg) == "features" else teacher
 
     def endless():  # the loader again and again: a small set may have fewer than warmup + rounds batches
         while True:
@@ -170,7 +184,7 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
         _synchronize(device)
         middle = time.perf_counter()
         with torch.no_grad():
-            teacher(images, image_sizes_of(targets))
+            teacher_call(images, image_sizes_of(targets))
         _synchronize(device)
         if step >= warmup:
             student_times.append(middle - start)
@@ -179,22 +193,24 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
 
 
 def cached_teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, cache: Path) -> float:
-    """:func:`teacher_cost_ratio`, measured once and stored in ``cache`` (JSON, with the teacher file's digest).
+    """:func:`teacher_cost_ratio`, measured once and stored in ``cache`` (JSON, with the teacher file's digest
+    and how the teacher ran: a cache of the other kind is measured again).
 
     The compute-matched runs' length depends on it: a later invocation of the same experiment must
     find the same value, or its finished compute-matched runs would no longer match their configs.
     """
     from kdlab.engine.ledger import file_digest
 
-    digest = file_digest(teacher_checkpoint)
+    digest, kind = file_digest(teacher_checkpoint), teacher_forward_kind(student_cfg)
     if cache.is_file():
         stored = json.loads(cache.read_text())
-        if stored.get("teacher_digest") == digest:
+        if stored.get("teacher_digest") == digest and stored.get("teacher_forward", "full") == kind:
             return float(stored["ratio"])
     ratio = teacher_cost_ratio(student_cfg, teacher_checkpoint)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_json({"teacher_checkpoint": relative_to(teacher_checkpoint, Path.cwd()), "teacher_digest": digest,
-                      "ratio": ratio, "threads": torch.get_num_threads(), "device": str(student_cfg.device)}, cache)
+                      "teacher_forward": kind, "ratio": ratio, "threads": torch.get_num_threads(),
+                      "device": str(student_cfg.device)}, cache)
     return ratio
 
 

@@ -52,6 +52,16 @@ class Detector(nn.Module):
     def postprocess(self, output) -> list[dict[str, Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
+    def forward_features(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> "FeatureOutput":
+        """The FPN maps of :meth:`forward` (:class:`~kdlab.models.outputs.FeatureOutput`), for a teacher
+        whose methods read nothing else. This default runs the whole forward; detectors that can stop
+        after their FPN override it (kdlab's GFL, RetinaNet, FCOS and Faster R-CNN)."""
+        from kdlab.models.outputs import FeatureOutput
+
+        output = self(images, image_sizes)
+        return FeatureOutput(list(output.features), list(output.feature_strides), [tuple(s) for s in image_sizes],
+                             type(self).__name__)
+
     def build_criterion(self) -> Criterion:  # pragma: no cover
         raise NotImplementedError
 

@@ -32,7 +32,9 @@ from kdlab.models.faster_rcnn_outputs import (
     RoIAssignment,
     RPNAssignment,
     TwoStageOutput,
+    inferred_strides,
 )
+from kdlab.models.outputs import FeatureOutput
 from kdlab.models.retinanet import _check_columns
 from kdlab.utils.dist import reduce_normalizer
 
@@ -70,6 +72,14 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         self.label_offset = label_offset
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
+
+    def forward_features(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> FeatureOutput:
+        """Backbone and FPN only, no RPN or RoI head (:meth:`kdlab.models.base.Detector.forward_features`);
+        the strides are inferred as :attr:`TwoStageOutput.feature_strides` infers them."""
+        check_batch(type(self).__name__, images, image_sizes, None, self.num_classes, first_label=1 - self.label_offset)
+        image_sizes = normalise_image_sizes(image_sizes)
+        features = list(self.backbone(images).values())
+        return FeatureOutput(features, inferred_strides(features, image_sizes), image_sizes, type(self).__name__)
 
     def forward(
         self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None

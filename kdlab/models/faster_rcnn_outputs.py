@@ -24,6 +24,13 @@ from torchvision.models.detection._utils import BoxCoder
 from kdlab.models.outputs import DenseOutput, DetectorOutput
 
 
+def inferred_strides(features: list[Tensor], image_sizes: list[tuple[int, int]]) -> list[int]:
+    """Stride of each map as torchvision's ``MultiScaleRoIAlign`` infers it:
+    ``2^round(log2(image side / map side))`` with the largest unpadded image height."""
+    max_height = max(h for h, _ in image_sizes)
+    return [2 ** round(math.log2(max_height / f.shape[-2])) for f in features]
+
+
 @dataclass
 class RPNAssignment:
     """The RPN's anchor labels and the anchors sampled for its loss.
@@ -129,8 +136,7 @@ class TwoStageOutput(DetectorOutput):
     def feature_strides(self) -> list[int]:
         """Stride of each map, inferred as torchvision's ``MultiScaleRoIAlign`` does:
         ``2^round(log2(image side / map side))`` with the largest unpadded image height."""
-        max_height = max(h for h, _ in self.image_sizes)
-        return [2 ** round(math.log2(max_height / f.shape[-2])) for f in self.features]
+        return inferred_strides(self.features, self.image_sizes)
 
     def dense_slots(self, method: str = "this method", who: str = "model") -> DenseOutput:
         """The RPN as a dense detector: ``cls_logits`` ``[B, A, 1]`` objectness, ``box_regression``

@@ -32,7 +32,7 @@ from kdlab.models.common import (
     postprocess_torchvision_dense,
     slot_layout,
 )
-from kdlab.models.outputs import DenseAssignment, DenseOutput
+from kdlab.models.outputs import DenseAssignment, DenseOutput, FeatureOutput
 from kdlab.models.retinanet import gather_matched_gt_boxes, require_assignment, restrict_class_outputs_
 from kdlab.utils.dist import reduce_normalizer
 
@@ -70,6 +70,13 @@ class FCOS(tv_fcos.FCOS, Detector):
         self.num_classes = num_classes
         self.strides = tuple(strides)
         self.class_names = list(class_names) if class_names is not None else None
+
+    def forward_features(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> FeatureOutput:
+        """Backbone and FPN only (:meth:`kdlab.models.base.Detector.forward_features`)."""
+        check_batch(type(self).__name__, images, image_sizes, None, self.num_classes)
+        features = list(self.backbone(images).values())
+        return FeatureOutput(features, [int(s) for s in self.strides[:len(features)]],
+                             [tuple(size) for size in image_sizes], type(self).__name__)
 
     def forward(
         self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None

@@ -21,7 +21,7 @@ from kdlab.models.base import Detector
 from kdlab.models.box_ops import distance2bbox
 from kdlab.models.common import postprocess_dense
 from kdlab.models.layers import Scale, conv_tower, group_norm
-from kdlab.models.outputs import DenseAssignment, DenseOutput
+from kdlab.models.outputs import DenseAssignment, DenseOutput, FeatureOutput
 from kdlab.models.priors import grid_priors
 
 
@@ -112,6 +112,12 @@ class GFL(Detector):
         self.backbone = ResNetFPN(backbone, backbone_width, backbone_norm, fpn_channels, backbone_weights, frozen_stages)
         self.strides = ResNetFPN.strides
         self.head = GFLHead(fpn_channels, num_classes, head_convs, reg_max, num_levels=len(self.strides))
+
+    def forward_features(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> FeatureOutput:
+        """Backbone and FPN only (:meth:`kdlab.models.base.Detector.forward_features`)."""
+        features = self.backbone(images)
+        return FeatureOutput(list(features), [int(s) for s in self.strides[:len(features)]],
+                             [tuple(size) for size in image_sizes], type(self).__name__)
 
     def forward(self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None) -> DenseOutput:
         """Run the detector on a padded batch ``images`` ``[B, 3, H, W]``; assign labels when given targets."""

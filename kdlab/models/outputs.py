@@ -96,6 +96,30 @@ def _detach(value):
 
 
 @dataclass
+class FeatureOutput(DetectorOutput):
+    """A detector's FPN maps and nothing else (:meth:`kdlab.models.base.Detector.forward_features`): what a
+    teacher computes for a method that reads only its features (DRKD), its heads and post-processing
+    skipped. The maps are those of the full forward, bit for bit.
+
+    Attributes:
+        features: FPN maps, finest first, ``[B, C, H_l, W_l]``.
+        feature_strides: stride of each map in input pixels, as the full output reports them.
+        image_sizes: ``(h, w)`` of each unpadded image.
+        source: the detector's class name (for messages).
+    """
+
+    kind: ClassVar[str] = "features"
+    features: list[Tensor]
+    feature_strides: list[int]
+    image_sizes: list[tuple[int, int]]
+    source: str = "?"
+
+    @property
+    def detector_name(self) -> str:
+        return f"{self.source}, FPN maps only"
+
+
+@dataclass
 class DenseAssignment:
     """Label assignment of a dense detector for one batch.
 

@@ -34,7 +34,7 @@ from kdlab.models.common import (
     postprocess_torchvision_dense,
     slot_layout,
 )
-from kdlab.models.outputs import DenseAssignment, DenseOutput
+from kdlab.models.outputs import DenseAssignment, DenseOutput, FeatureOutput
 
 IOU_BOX_LOSSES = {"giou": generalized_box_iou_loss, "diou": distance_box_iou_loss, "ciou": complete_box_iou_loss}
 
@@ -83,6 +83,13 @@ class RetinaNet(tv_retinanet.RetinaNet, Detector):
     @property
     def anchors_per_location(self) -> int:
         return self.anchor_generator.num_anchors_per_location()[0]
+
+    def forward_features(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> FeatureOutput:
+        """Backbone and FPN only (:meth:`kdlab.models.base.Detector.forward_features`)."""
+        check_batch(type(self).__name__, images, image_sizes, None, self.num_classes)
+        features = list(self.backbone(images).values())
+        return FeatureOutput(features, [int(s) for s in self.strides[:len(features)]],
+                             [tuple(size) for size in image_sizes], type(self).__name__)
 
     def forward(
         self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None
