@@ -102,8 +102,7 @@ def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn
     def student_step():
         weighted_total(task(images, targets), task.weight_dict).backward()
 
-    distillers = getattr(distilled_task, "distillers", {})
-    features_only = bool(distillers) and all(c.teacher_features_only for c in distillers.values())
+    features_only = getattr(distilled_task, "teacher_features_only", False)
 
     def student_teacher_step():
         terms = task(images, targets)

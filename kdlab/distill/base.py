@@ -121,13 +121,18 @@ class DistillationTask(DetectionTask):
         student_out = self.student(images, sizes, targets, **shared)
         return student_out, self.teacher_forward(images, targets, shared)
 
+    @property
+    def teacher_features_only(self) -> bool:
+        """Every method reads only the teacher's FPN maps (``DistillCriterion.teacher_features_only``)."""
+        return all(c.teacher_features_only for c in self.distillers.values())
+
     def teacher_forward(self, images: Tensor, targets: list[dict], shared: dict | None = None):
         """The teacher's output of this step, without gradient: its FPN maps only when every method reads
         nothing else (``teacher_features_only``) and no method feeds it extra inputs, else its full output
         (with its label assignment when a method needs it). Benchmarks time the teacher through this."""
         sizes = image_sizes_of(targets)
         with torch.no_grad():
-            if not shared and all(c.teacher_features_only for c in self.distillers.values()):
+            if not shared and self.teacher_features_only:
                 return self.teacher.forward_features(images, sizes)
             needs_targets = any(c.teacher_needs_targets for c in self.distillers.values())
             return self.teacher(images, sizes, targets if needs_targets else None, **(shared or {}))

@@ -24,7 +24,7 @@ from kdlab.config import ConfigError, TrainConfig, load_config
 from kdlab.data import build_dataset, collate_fn
 from kdlab.data.check import screen_images
 from kdlab.distill import METHODS, DistillationTask, method_options
-from kdlab.engine.checkpoint import CheckpointError, load_detector, safe_load
+from kdlab.engine.checkpoint import CheckpointError, load_detector, load_student_record, safe_load
 from kdlab.engine.distributed import DistContext
 from kdlab.engine.sampler import ResumableBatchSampler
 from kdlab.models import build_detector
@@ -99,26 +99,20 @@ def init_from_checkpoint(student: Detector, cfg: TrainConfig, num_classes: int) 
     """
     path = cfg.init_checkpoint
     try:
-        source = load_detector(path)
+        record = load_student_record(path)
     except CheckpointError as err:
         raise ConfigError(f"init_checkpoint: {err}") from None
-    stored = safe_load(path)
-    if "task" in stored and "config" in stored:  # a training last.pt
-        stored_cfg = TrainConfig(**stored["config"])
-        stored_model = {"name": stored_cfg.model, **stored_cfg.model_options()}
-    else:
-        stored_model = dict(stored["model"])
+    stored = {k: v for k, v in record["model"].items() if v is not None}
     configured = {"name": cfg.model, **cfg.model_options()}
-    ignored = ("backbone_weights", "weights", "init_checkpoint")
-    differences = sorted(k for k in set(stored_model) | set(configured) if k not in ignored
-                         and stored_model.get(k) != configured.get(k))
+    ignored = ("backbone_weights", "weights")
+    differences = sorted(k for k in set(stored) | set(configured) if k not in ignored and stored.get(k) != configured.get(k))
     if differences:
-        listed = ", ".join(f"{k}: checkpoint {stored_model.get(k)!r}, config {configured.get(k)!r}" for k in differences)
+        listed = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, config {configured.get(k)!r}" for k in differences)
         raise ConfigError(f"init_checkpoint {path} holds another detector than the config's ({listed})")
-    if len(source.class_names) != num_classes:
-        raise ConfigError(f"init_checkpoint {path} has {len(source.class_names)} classes, the dataset {num_classes}")
+    if record["num_classes"] != num_classes:
+        raise ConfigError(f"init_checkpoint {path} has {record['num_classes']} classes, the dataset {num_classes}")
     try:
-        student.load_state_dict(source.state_dict())
+        student.load_state_dict(record["state_dict"])
     except RuntimeError as err:
         raise ConfigError(f"init_checkpoint {path}: its weights do not fit the configured detector ({err})") from None
 

@@ -177,17 +177,12 @@ def export_student(path: str | Path, cfg: TrainConfig, num_classes: int, class_n
     atomic_save(student_record(cfg, num_classes, class_names, detector, category_ids), path)
 
 
-def load_detector(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> Detector:
-    """Build the plain detector stored in ``checkpoint_path`` and load its weights.
+def load_student_record(checkpoint_path: str | Path) -> dict[str, Any]:
+    """The ``student.pt`` content of ``checkpoint_path``: an exported ``student.pt`` as it is, or the
+    student part of a training ``last.pt``.
 
-    Args:
-        checkpoint_path: an exported ``student.pt``, or a training ``last.pt`` (its student part).
-        device: where the detector goes.
-
-    Returns:
-        The detector in ``eval()`` mode, with attributes ``class_names``, ``category_ids`` (``None``
-        when the checkpoint predates them) and ``input_size`` (``{"min_size", "max_size",
-        "size_divisor"}`` of training, or ``None`` when the checkpoint predates it).
+    Raises:
+        CheckpointError: the file is missing or holds no kdlab detector.
     """
     state = safe_load(checkpoint_path)
     if "task" in state and "config" in state:  # a training checkpoint: take the student's weights
@@ -200,6 +195,22 @@ def load_detector(checkpoint_path: str | Path, device: str | torch.device = "cpu
     missing = [k for k in STUDENT_KEYS if state.get(k) is None]
     if missing:
         raise CheckpointError(f"{checkpoint_path} is not a kdlab detector checkpoint (missing {missing})")
+    return state
+
+
+def load_detector(checkpoint_path: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """Build the plain detector stored in ``checkpoint_path`` and load its weights.
+
+    Args:
+        checkpoint_path: an exported ``student.pt``, or a training ``last.pt`` (its student part).
+        device: where the detector goes.
+
+    Returns:
+        The detector in ``eval()`` mode, with attributes ``class_names``, ``category_ids`` (``None``
+        when the checkpoint predates them) and ``input_size`` (``{"min_size", "max_size",
+        "size_divisor"}`` of training, or ``None`` when the checkpoint predates it).
+    """
+    state = load_student_record(checkpoint_path)
     options = {k: v for k, v in state["model"].items() if k != "name" and v is not None}
     try:
         detector = build_detector(state["model"]["name"], state["num_classes"], **options)
