@@ -98,6 +98,11 @@ def init_from_checkpoint(student: Detector, cfg: TrainConfig, num_classes: int) 
             checkpoint, or holds another model, other options or another number of classes.
     """
     path = cfg.init_checkpoint
+    config = project_checkpoint_config(path)
+    if not Path(path).is_file() and config is not None:
+        run = f"runs/{Path(config).stem}"
+        raise ConfigError(f"init_checkpoint {path} does not exist: train it with `kdlab train {config} --output-dir "
+                          f"{run}` and copy {run}/student.pt to {path}")
     try:
         record = load_student_record(path)
     except CheckpointError as err:
@@ -123,18 +128,27 @@ PROJECT_TEACHERS = {
     "shapes_retinanet_teacher": "configs/shapes_gid_retinanet_teacher.yaml",
     "shapes_fcos_teacher": "configs/shapes_gid_fcos_teacher.yaml",
     "shapes_faster_rcnn_teacher": "configs/shapes_gid_faster_rcnn_teacher.yaml",
+    # DAB-DETR's teacher trains in two schedules: the first stored as ..._stage1.pt, the second starts from it
+    "shapes_dab_detr_teacher_stage1": "configs/shapes_dab_detr_teacher.yaml",
+    "shapes_dab_detr_teacher": "configs/shapes_dab_detr_teacher_stage2.yaml",
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def teacher_training_config(cfg: TrainConfig) -> str | None:
-    """The config that trains ``cfg.teacher_checkpoint``: ``teacher_config``, else the project config of a
-    checkpoint under ``data/checkpoints/`` (:data:`PROJECT_TEACHERS`, or ``configs/NAME.yaml``), else ``None``."""
-    if cfg.teacher_config is not None:
-        return cfg.teacher_config
-    stem = Path(cfg.teacher_checkpoint).stem
+def project_checkpoint_config(checkpoint: str | Path) -> str | None:
+    """The project config that trains the checkpoint ``.../NAME.pt`` (:data:`PROJECT_TEACHERS`, or
+    ``configs/NAME.yaml``), or ``None`` when there is none."""
+    stem = Path(checkpoint).stem
     candidate = PROJECT_TEACHERS.get(stem, f"configs/{stem}.yaml")
     return candidate if (REPO_ROOT / candidate).is_file() or Path(candidate).is_file() else None
+
+
+def teacher_training_config(cfg: TrainConfig) -> str | None:
+    """The config that trains ``cfg.teacher_checkpoint``: ``teacher_config``, else the project config of a
+    checkpoint under ``data/checkpoints/`` (:func:`project_checkpoint_config`), else ``None``."""
+    if cfg.teacher_config is not None:
+        return cfg.teacher_config
+    return project_checkpoint_config(cfg.teacher_checkpoint)
 
 
 def check_teacher_checkpoint(cfg: TrainConfig) -> None:
