@@ -1271,6 +1271,16 @@ if results is None:
           "  python experiments/kd_detr_shapes.py                        # every row, seeds 0 1 2 (many CPU hours)\n"
           "  python experiments/kd_detr_shapes.py --quick --max-iters 2  # a smoke test that publishes nothing\n"
           "It writes experiments/results/kd_detr_shapes.{json,md}; this section reads them when they are there.")
+    # runs finished so far: the script's run records (it reuses them), one JSON per row and seed
+    records = Path(STORED_RESULTS).parent / "runs" / "kd_detr_shapes" / "dab_detr"
+    finished = {row: {int(f.stem.removeprefix("seed")): json.loads(f.read_text())["metrics"]
+                      for f in sorted((records / row).glob("seed*.json"))} for row in ROWS}
+    if any(finished.values()):
+        print(f"\nRuns finished so far ({records}; not yet the three-seed result):")
+        for row, by_seed in finished.items():
+            if by_seed:
+                print(f"  {row:20s} " + ", ".join(f"seed {s}: AP {100 * m['AP']:.1f} (APs {100 * m['APs']:.1f})"
+                                                 for s, m in sorted(by_seed.items())))
     print("\nThe paper's R-18 ablation (COCO AP): " + ", ".join(f"{k} {v}" for k, v in PAPER_R18.items()))
 else:
     part = published_parts(results)["dab_detr"]
