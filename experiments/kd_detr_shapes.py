@@ -102,7 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"teacher checkpoint {TEACHER_CHECKPOINT} does not exist: train it with "
                      "`kdlab train configs/shapes_dab_detr_teacher.yaml`, store its student.pt as "
                      "data/checkpoints/shapes_dab_detr_teacher_stage1.pt, continue it with "
-                     "`kdlab train configs/shapes_dab_detr_teacher_stage2.yaml` and store that student.pt there "
+                     "`kdlab train configs/shapes_dab_detr_teacher_stage2.yaml` (store as ..._stage2.pt) and "
+                     "`kdlab train configs/shapes_dab_detr_teacher_stage3.yaml`, and store that student.pt there "
                      "(data/checkpoints/README.md)")
     return args
 

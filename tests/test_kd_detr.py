@@ -350,13 +350,17 @@ def test_config_errors_are_one_line(tiny_shapes, tmp_path, capsys, monkeypatch):
             f"output_dir={tmp_path / 'run'}"]
     missing = tmp_path / "gone" / "shapes_dab_detr_teacher.pt"
     line = cli_error(capsys, base + [f"teacher_checkpoint={missing}"])
-    assert f"{missing} does not exist" in line and "kdlab train configs/shapes_dab_detr_teacher_stage2.yaml" in line
-    # the second teacher schedule starts from the first; a missing first one names the config that trains it
+    assert f"{missing} does not exist" in line and "kdlab train configs/shapes_dab_detr_teacher_stage3.yaml" in line
+    # each teacher schedule starts from the one before; a missing one names the config that trains it
     stage1 = tmp_path / "gone" / "shapes_dab_detr_teacher_stage1.pt"
     line = cli_error(capsys, ["train", "configs/shapes_dab_detr_teacher_stage2.yaml", "--no-progress", "--set",
                               f"data_root={tiny_shapes}", f"output_dir={tmp_path / 'teacher'}", f"init_checkpoint={stage1}"])
     assert f"init_checkpoint {stage1} does not exist" in line
     assert "kdlab train configs/shapes_dab_detr_teacher.yaml --output-dir runs/shapes_dab_detr_teacher" in line
+    stage2 = tmp_path / "gone" / "shapes_dab_detr_teacher_stage2.pt"
+    line = cli_error(capsys, ["train", "configs/shapes_dab_detr_teacher_stage3.yaml", "--no-progress", "--set",
+                              f"data_root={tiny_shapes}", f"output_dir={tmp_path / 'teacher3'}", f"init_checkpoint={stage2}"])
+    assert f"init_checkpoint {stage2} does not exist" in line and "kdlab train configs/shapes_dab_detr_teacher_stage2.yaml" in line
     line = cli_error(capsys, base + ["teacher_checkpoint=data/checkpoints/shapes_gfl_teacher.pt"])
     assert "distill='kd_detr'" in line and "KD-DETR distils set detectors; the teacher is a GFL (dense output)" in line
     line = cli_error(capsys, base + ["teacher_checkpoint=data/checkpoints/shapes_gfl_teacher.pt", "distill_options.variant=paper"])

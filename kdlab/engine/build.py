@@ -128,9 +128,10 @@ PROJECT_TEACHERS = {
     "shapes_retinanet_teacher": "configs/shapes_gid_retinanet_teacher.yaml",
     "shapes_fcos_teacher": "configs/shapes_gid_fcos_teacher.yaml",
     "shapes_faster_rcnn_teacher": "configs/shapes_gid_faster_rcnn_teacher.yaml",
-    # DAB-DETR's teacher trains in two schedules: the first stored as ..._stage1.pt, the second starts from it
+    # DAB-DETR's teacher trains in three schedules, each starting from the one before (stored as ..._stageN.pt)
     "shapes_dab_detr_teacher_stage1": "configs/shapes_dab_detr_teacher.yaml",
-    "shapes_dab_detr_teacher": "configs/shapes_dab_detr_teacher_stage2.yaml",
+    "shapes_dab_detr_teacher_stage2": "configs/shapes_dab_detr_teacher_stage2.yaml",
+    "shapes_dab_detr_teacher": "configs/shapes_dab_detr_teacher_stage3.yaml",
 }
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
