@@ -213,9 +213,9 @@ classes), exported by the engine (`student.pt`, read back with `kdlab.engine.loa
   4 heads, **50 anchor queries**; trained on the released 50-epoch schedule (lr drop at 40), then twice a
   30-epoch schedule (drop at 24), each started from the weights before, because a DETR learns slowly from
   4000 small images and the AP was still rising (5.8, 7.5, then 8.4 AP); the config's `train_groups` adds
-  Group DETR (further groups of 50 anchors in training, each matched to the ground truth on its own, for a faster start;
-  evaluation runs the first group, so the stored model is a plain DAB-DETR; the cell below prints how the
-  checkpoint was trained);
+  Group DETR (further groups of 50 anchors in training, each matched to the ground truth on its own, for
+  a faster start; evaluation runs the first group, so the stored model is a plain DAB-DETR; the cell below
+  prints how the checkpoint was trained);
 - **student alone** (`configs/shapes_dab_detr_student.yaml`): ResNet-18 at width 16 from the GFL student's
   backbone, the same transformer, 12 epochs;
 - **KD-DETR student** (`configs/shapes_kd_detr_student.yaml`): the student's config plus `distill: kd_detr`
