@@ -1,6 +1,7 @@
 """The benchmark scripts' measuring machinery (their timings are printed, never asserted)."""
 
 import importlib.util
+import math
 from pathlib import Path
 
 import torch
@@ -59,7 +60,11 @@ def test_bench_gpu_runs_on_cpu_and_says_no_gpu_is_present(capsys):
     assert "NOTE: no GPU in use" in out and "MFU is not computed" in out
     assert [r["config"] for r in rows] == ["coco_self_ld_gfl_r18_1x", "coco_drkd_retinanet_r50_2x"]
     for row in rows:
-        assert row["student_img_s"] > 0 and row["distilled_img_s"] > 0 and 0 < row["teacher_share"] < 1
+        # timings are figures for a person (one timed step here, on a possibly busy CPU): only that they were
+        # measured is asserted; the share's bound is checked on FLOPs, which do not depend on the machine's load
+        assert row["student_img_s"] > 0 and row["distilled_img_s"] > 0
+        assert math.isfinite(row["teacher_share"]) and row["teacher_share"] > 0
+        assert 0 < row["teacher_tflop_per_forward"] < row["distilled_tflop_per_step"]
         # the distilled step counts the student's forward + backward and the teacher's forward, at least
         assert row["distilled_tflop_per_step"] > row["student_tflop_per_step"]
         assert row["distilled_tflop_per_step"] >= row["student_tflop_per_step"] + 0.99 * row["teacher_tflop_per_forward"]
