@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     common = shapes_run_fields(args, REPO / load_config(student_config(args.families[0])).data_root)
     run_groups(args, "families", {f: [v for v in FAMILIES[f] if v in args.variants] for f in args.families}, LABELS,
                lambda family, variants, seeds: run_family(family, variants, seeds, args, common), markdown,
-               "DRKD experiment (shapes, quick CPU configurations)", "drkd_shapes", REPO)
+               "DRKD experiment (shapes, quick CPU configurations)", "drkd_shapes", REPO, every_group=list(FAMILIES))
     return 0
 
 

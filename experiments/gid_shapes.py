@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     # a real run publishes the tables notebook 03 shows (tracked in git)
     run_groups(args, "families", {f: [v for v in FAMILIES[f] if v in args.variants] for f in args.families}, LABELS,
                lambda family, variants, seeds: run_family(family, variants, seeds, args, common), markdown,
-               "GID experiment (shapes, quick CPU configurations)", "gid_shapes", REPO)
+               "GID experiment (shapes, quick CPU configurations)", "gid_shapes", REPO, every_group=list(FAMILIES))
     return 0
 
 

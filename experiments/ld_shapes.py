@@ -228,8 +228,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_run_arguments(parser, quick_help="smoke test: seed 0 only, 1 epoch, no BCCD")
     args = parse_run_arguments(parser, argv, "ld_shapes", REPO)
     explicit_seeds, args.seeds = args.seeds is not None, args.seeds or [0, 1, 2]
+    args.seeds_given = explicit_seeds  # --seeds 0 1 2 gives the 5-seed rows 3: a partial run, never published
+    args.default_settings = [s for s in SETTINGS if SETTINGS[s].shapes or (SHARED_DATA / "bccd").is_dir() and not args.quick]
     if args.settings is None:
-        args.settings = [s for s in SETTINGS if SETTINGS[s].shapes or (SHARED_DATA / "bccd").is_dir() and not args.quick]
+        args.settings = args.default_settings
     keys = set(SETTINGS) | {f"{s}/{v}" for s, setting in SETTINGS.items() for v in setting.variants}
     try:
         given = parse_seeds_for(args.seeds_for_list, keys)
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_groups(args, "settings", {s: [v for v in SETTINGS[s].variants if v in args.variants] for s in args.settings},
                LABELS, run_group, markdown, "LD experiment", "ld_shapes", REPO,
-               row_seeds=lambda name, variants, seeds: row_seeds(name, variants, seeds, args))
+               row_seeds=lambda name, variants, seeds: row_seeds(name, variants, seeds, args),
+               every_group=args.default_settings)
     return 0
 
 

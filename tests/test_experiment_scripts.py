@@ -194,6 +194,39 @@ def test_a_partial_selection_is_named_and_never_published():
     assert partial_selection(rows, labels) == "--variants ld"
     seeds = argparse.Namespace(variants=["student", "ld"], seeds_for_list=["shapes/ld=0"])
     assert partial_selection(seeds, labels) == "--seeds-for shapes/ld=0"
+    one_seed = argparse.Namespace(variants=["student", "ld"], seeds=[0], seeds_for_list=[])
+    assert partial_selection(one_seed, labels) == "--seeds 0"
+    other_seeds = argparse.Namespace(variants=["student", "ld"], seeds=[1, 2, 3], seeds_for_list=[])
+    assert partial_selection(other_seeds, labels) == "--seeds 1 2 3"
+    default_seeds = argparse.Namespace(variants=["student", "ld"], seeds=[0, 1, 2], seeds_for_list=[])
+    assert partial_selection(default_seeds, labels) == ""
+    one_group = argparse.Namespace(variants=["student", "ld"], families=["retinanet"], seeds=[0, 1, 2], seeds_for_list=[])
+    assert partial_selection(one_group, labels, ("families", ["retinanet", "faster_rcnn"])) == "--families retinanet"
+    assert partial_selection(one_group, labels, ("families", ["retinanet"])) == ""
+
+
+def test_the_scripts_publish_only_the_default_selection():
+    """``--seeds 0``, one setting or family, or LD's explicit ``--seeds 0 1 2`` (its 5-seed rows get 3) is partial:
+    such a run once replaced the published table with part of the experiment."""
+    from kdlab.engine.experiment import partial_selection
+
+    ld = load_script("ld_shapes")
+    default = ld.parse_args([])
+    assert partial_selection(default, ld.LABELS, ("settings", default.default_settings)) == ""
+    for argv, expected in ((["--seeds", "0"], "--seeds 0"), (["--seeds", "0", "1", "2"], "--seeds 0 1 2"),
+                           (["--settings", "shapes"], "--settings shapes")):
+        args = ld.parse_args(argv)
+        assert partial_selection(args, ld.LABELS, ("settings", args.default_settings)) == expected, argv
+    for script in ("drkd_shapes", "gid_shapes"):
+        module = load_script(script)
+        families = list(module.FAMILIES)
+        assert partial_selection(module.parse_args([]), module.LABELS, ("families", families)) == ""
+        args = module.parse_args(["--families", families[0], "--seeds", "0"])
+        assert partial_selection(args, module.LABELS, ("families", families)) == f"--families {families[0]}, --seeds 0"
+    kd_detr = load_script("kd_detr_shapes")
+    labels = {v: label for v, (label, _, _) in kd_detr.VARIANTS.items()}
+    assert partial_selection(kd_detr.parse_args([]), labels) == ""
+    assert partial_selection(kd_detr.parse_args(["--seeds", "0"]), labels) == "--seeds 0"
 
 
 @pytest.mark.slow

@@ -451,11 +451,13 @@ def group_records(args: argparse.Namespace, group: str) -> Path | None:
 def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]], labels: dict[str, str],
                run_group: Callable[[str, list[str], dict[str, list[int]]], dict],
                markdown: Callable[[str, dict, str], str], title: str, name: str, repo: Path,
-               row_seeds: Callable[[str, list[str], list[int]], dict[str, list[int]]] | None = None) -> dict:
+               row_seeds: Callable[[str, list[str], list[int]], dict[str, list[int]]] | None = None,
+               every_group: list[str] | None = None) -> dict:
     """An experiment's main loop: for each group (a family, a setting) and its rows, the rows' seeds
     (``row_seeds``, by default :func:`seeds_per_row` of ``args.seeds_for``), ``run_group(group, rows, seeds)``
     (its part of the results, ``results[key][group]``) and ``markdown(group, part, note)``; ``results.json``
-    after each group, then :func:`write_results` (published on a real run, not on a smoke test)."""
+    after each group, then :func:`write_results` (published on a real run of the whole experiment: not on
+    a smoke test, nor on a :func:`partial_selection`, ``every_group`` the groups a default run covers)."""
     seeds = [args.seeds[0]] if args.quick else args.seeds
     note = " — SMOKE TEST, not a result" if args.smoke else ""
     results = {"seeds": seeds, "smoke_test": args.smoke, "variants": labels, key: {}}
@@ -470,7 +472,7 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
         part["seeds"] = chosen
         sections.append(markdown(group, part, note))
         atomic_save_json(results, args.out / "results.json")
-    partial = partial_selection(args, labels)
+    partial = partial_selection(args, labels, None if every_group is None else (key, every_group))
     if partial and not args.smoke:
         print(f"a partial selection ({partial}): results in {args.out}; experiments/results/{name}.* not changed "
               "(a run of every row with the default seeds publishes)", flush=True)
@@ -480,12 +482,27 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
     return results
 
 
-def partial_selection(args: argparse.Namespace, labels: dict[str, str]) -> str:
-    """What restricts a run to part of its experiment (``--variants``, ``--seeds-for``), or ``""``: a
-    partial run must not overwrite the published tables."""
+DEFAULT_SEEDS = [0, 1, 2]  # every experiment script's default --seeds
+
+
+def partial_selection(args: argparse.Namespace, labels: dict[str, str],
+                      groups: tuple[str, list[str]] | None = None) -> str:
+    """What restricts a run to part of its experiment, or ``""``: a partial run must not overwrite the
+    published tables. Partial: a subset of the rows (``--variants``), of the groups (``groups``: the
+    option's name and the groups a default run covers, e.g. ``("settings", [...])``), seeds other than
+    the default ones or seeds given explicitly where the default gives some rows more
+    (``args.seeds_given``), or ``--seeds-for``."""
     reasons = []
+    if groups is not None:
+        option, every = groups
+        chosen = list(getattr(args, option, every))
+        if set(chosen) != set(every):
+            reasons.append(f"--{option} " + " ".join(chosen))
     if set(getattr(args, "variants", labels)) != set(labels):
         reasons.append("--variants " + " ".join(args.variants))
+    seeds = list(getattr(args, "seeds", DEFAULT_SEEDS))
+    if seeds != DEFAULT_SEEDS or getattr(args, "seeds_given", False):
+        reasons.append("--seeds " + " ".join(map(str, seeds)))
     if getattr(args, "seeds_for_list", None):
         reasons.append("--seeds-for " + " ".join(args.seeds_for_list))
     return ", ".join(reasons)
