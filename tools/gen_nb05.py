@@ -33,31 +33,30 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 REPO = Path(__file__).resolve().parents[1]
 
-# name -> (reference, tolerance, relative). STAND-IN PLACEHOLDERS: the values below were measured on the stand-in
-# checkpoints of tools/nb05_standins.py (untrained models, AP ~ 0) and mean nothing; replace them once the real
-# checkpoints exist (the module docstring says how). The tolerances are first guesses: a fixed checkpoint evaluated
-# on another CPU moves by float noise (AP: hundredths of a point; 0.5 is deliberately loose), a near-tie in a
-# Hungarian matching can flip (the IoU means: a few thousandths), and 20 training steps move the losses by a few
-# percent; `make nbval-matrix` measures the real spread, after which they should be set from it.
+# name -> (reference, tolerance, relative): measured on the stored checkpoints (teacher: third schedule, 8.4 AP;
+# KD-DETR student: seed 0 of the kd_detr row) by `notebooks/execute.py --update-references` on this project's
+# 2-core x86-64 machine, one thread. A fixed checkpoint evaluated on another CPU moves by float noise (AP:
+# hundredths of a point; 0.5 is deliberately loose), a near-tie in a Hungarian matching can flip (the IoU means: a
+# few thousandths), and 20 training steps move the losses by a few percent; `make nbval-matrix` measures the spread.
 REFERENCES: dict[str, tuple[float, float, bool]] = {
-    '05 teacher AP (%)': (0.04881, 0.5, False),
-    '05 student alone AP (%)': (0.008432, 0.5, False),
-    '05 KD-DETR student AP (%)': (0.0005227, 0.5, False),
-    '05 IoU same query index, student alone': (0.04099, 0.03, False),
-    '05 IoU Hungarian-matched, student alone': (0.2046, 0.03, False),
-    '05 IoU at the teacher anchors, student alone': (0.3354, 0.03, False),
-    '05 IoU at the teacher anchors, KD-DETR student': (0.6439, 0.03, False),
-    '05 Hungarian partners changing between layers, student alone (%)': (6.592, 5, False),
-    '05 mean w at the specific points': (0.1216, 0.02, False),
-    '05 mean w at the general points': (0.1167, 0.02, False),
-    '05 w-weighted IoU at the general points, KD-DETR student': (0.6615, 0.03, False),
-    '05 loss_kdd_specific_cls, KD-DETR student': (0.01071, 0.05, True),
-    '05 loss_kdd_general_l1, KD-DETR student': (0.2646, 0.05, True),
-    '05 loss_kdd_general_giou, KD-DETR student': (0.9017, 0.05, True),
-    '05 matched-query loss_mkd_l1, student alone': (1.234, 0.1, True),
-    '05 GT boxes in place of the points: loss_kdd_general_l1': (0.8706, 0.1, True),
-    '05 engine run: total loss, last iteration': (39.5, 0.1, True),
-    '05 engine run: loss_kdd_general_l1, last iteration': (1.527, 0.1, True),
+    '05 teacher AP (%)': (8.391, 0.5, False),
+    '05 student alone AP (%)': (2.835, 0.5, False),
+    '05 KD-DETR student AP (%)': (4.658, 0.5, False),
+    '05 IoU same query index, student alone': (0.02863, 0.03, False),
+    '05 IoU Hungarian-matched, student alone': (0.282, 0.03, False),
+    '05 IoU at the teacher anchors, student alone': (0.177, 0.03, False),
+    '05 IoU at the teacher anchors, KD-DETR student': (0.3161, 0.03, False),
+    '05 Hungarian partners changing between layers, student alone (%)': (20.27, 5, False),
+    '05 mean w at the specific points': (0.1092, 0.02, False),
+    '05 mean w at the general points': (0.1053, 0.02, False),
+    '05 w-weighted IoU at the general points, KD-DETR student': (0.429, 0.03, False),
+    '05 loss_kdd_specific_cls, KD-DETR student': (0.1115, 0.05, True),
+    '05 loss_kdd_general_l1, KD-DETR student': (0.5377, 0.05, True),
+    '05 loss_kdd_general_giou, KD-DETR student': (1.83, 0.05, True),
+    '05 matched-query loss_mkd_l1, student alone': (0.6125, 0.1, True),
+    '05 GT boxes in place of the points: loss_kdd_general_l1': (0.7882, 0.1, True),
+    '05 engine run: total loss, last iteration': (42.45, 0.1, True),
+    '05 engine run: loss_kdd_general_l1, last iteration': (1.851, 0.1, True),
 }
 
 # notebooks/execute.py's pattern for a stored reference (the value expression must not contain a comma)
@@ -284,7 +283,7 @@ What the three detect on one validation image (left: the ground truth; then each
 detections, as many as the image has objects unless `TOP_SHOWN` says otherwise; colour = class, as in every
 kdlab figure, with the score after the class). The scores are low: a DAB-DETR's sigmoid focal
 classification spreads little confidence over 50 queries when its training is this short, so a fixed
-threshold such as 0.3 would show nothing; the ranking is what AP measures.
+threshold such as 0.5 would show nothing; the ranking is what AP measures.
 '''))
 
 add(code(r'''
@@ -690,7 +689,10 @@ plt.show()
 '''))
 
 add(md(r'''
-The positional term is the anchor's contribution: a bump around the anchor's centre. (DETR counts the memory
+The positional term is the anchor's contribution: a bump around the anchor's centre. Not every head uses it
+that way: here one head puts almost all of its weight on a single corner token, inside or outside the
+anchor (an "attention sink", common in trained transformers: a place to put attention that changes little),
+and that token shows up in the mean over heads too. (DETR counts the memory
 tokens' positions cumulatively, `(j + 1) / W` for token `j`, the token's right or bottom edge rather than its
 centre, so in the image such a bump sits half a token up and to the left.) The **width/height modulation** sets how wide that bump is. Below, the
 positional logit (mean over heads) along a horizontal line through the anchor centre, for the anchor as it
@@ -832,12 +834,14 @@ plt.show()
 
 add(md(r'''
 The specific points are the teacher's learned anchors: where, and at what size, it has learned to start
-looking; from them, its final boxes should gather on the objects with a high `w` (they are its detection
-queries). The general points are large arbitrary boxes (sides of `σ(N(0, 1))` of the image); most of what
-the teacher predicts from them should be background with a small `w`, and those points then count little.
-`w` as a map: 2000 general points drawn for this figure alone, each plotted at its anchor centre and
-coloured by the teacher's `w` there (left), and the distribution of `w` over the specific and the general
-points (right).
+looking; from them, its final boxes gather on the objects, and the boxes on objects get the higher `w`
+(they are its detection queries). The general points are large arbitrary boxes (sides of `σ(N(0, 1))` of the
+image), yet the teacher's decoder moves many of their boxes onto the objects too (bottom right): a DAB-DETR
+decoder refines whatever anchor it is given. So on this teacher the two sets get much the same `w`
+(the means printed below), and `w` is never large: it ranks the points within a set, from about 0.02 on
+background to about 0.3 on the clearest objects, rather than switching the background off. `w` as a map:
+2000 general points drawn for this figure alone, each plotted at its anchor centre and coloured by the
+teacher's `w` there (left), and the distribution of `w` over the specific and the general points (right).
 '''))
 
 add(code(r'''
@@ -954,14 +958,16 @@ s_boxes = torch.tensor([[[[0.5, 0.5, 0.4, 0.3], [0.2, 0.3, 0.1, 0.2]], [[0.6, 0.
                         [[[0.45, 0.55, 0.35, 0.3], [0.25, 0.3, 0.15, 0.2]], [[0.7, 0.4, 0.3, 0.2], [0.5, 0.4, 0.6, 0.8]]]])
 t_boxes = torch.tensor([[[0.5, 0.5, 0.3, 0.3], [0.8, 0.8, 0.2, 0.2]], [[0.65, 0.45, 0.25, 0.2], [0.1, 0.1, 0.1, 0.1]]])
 
-def giou_by_hand(a, b):
-    """GIoU of a[..] with b[..] (normalised cxcywh): IoU - |C minus (A u B)| / |C|, C the smallest enclosing box."""
+def giou_by_hand(a, b, eps=1e-7):
+    """GIoU of a[..] with b[..] (normalised cxcywh): IoU - |C minus (A u B)| / |C|, C the smallest enclosing box.
+    As torchvision's generalized_box_iou_loss (which kdlab calls): areas from the corners, and eps = 1e-7 added to
+    the union and to |C|; for boxes of a pixel or two (areas ~1e-4 of the image) that eps moves the third digit."""
     ax1, ay1, ax2, ay2 = a[..., 0] - a[..., 2] / 2, a[..., 1] - a[..., 3] / 2, a[..., 0] + a[..., 2] / 2, a[..., 1] + a[..., 3] / 2
     bx1, by1, bx2, by2 = b[..., 0] - b[..., 2] / 2, b[..., 1] - b[..., 3] / 2, b[..., 0] + b[..., 2] / 2, b[..., 1] + b[..., 3] / 2
     inter = (torch.minimum(ax2, bx2) - torch.maximum(ax1, bx1)).clamp(min=0) * (torch.minimum(ay2, by2) - torch.maximum(ay1, by1)).clamp(min=0)
-    union = a[..., 2] * a[..., 3] + b[..., 2] * b[..., 3] - inter
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
     enclosing = (torch.maximum(ax2, bx2) - torch.minimum(ax1, bx1)) * (torch.maximum(ay2, by2) - torch.minimum(ay1, by1))
-    return inter / union - (enclosing - union) / enclosing
+    return inter / (union + eps) - (enclosing - union) / (enclosing + eps)
 
 def kd_detr_by_hand(s_logits, s_boxes, t_logits, t_boxes, temperature, per_image=True, weighting=True):
     """KD-DETR's three terms of one point set: student [L, B, P, .] against the teacher's final layer [B, P, .]."""
@@ -1029,6 +1035,7 @@ _ = expect_close("05 loss_kdd_general_giou, KD-DETR student", terms4["KD-DETR st
 
 # each student layer's share of the box terms (the sum over layers above)
 fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), layout="constrained", sharey=True)
+top = 0.0
 for ax, name in zip(axes, step_points):
     t_pass = t_out4.extra[name]
     for j, (s, colour) in enumerate((("student alone", "tab:gray"), ("KD-DETR student", "tab:green"))):
@@ -1038,16 +1045,21 @@ for ax, name in zip(axes, step_points):
         values = [5 * float(t["l1"]) + 2 * float(t["giou"]) for t in per_layer]
         drawn = ax.bar([l + 0.4 * j for l in range(len(values))], values, width=0.38, color=colour, label=s)
         ax.bar_label(drawn, labels=[f"{v:.2f}" for v in values], fontsize=7, padding=1)
+        top = max(top, *values)
     ax.set_xticks([l + 0.2 for l in range(len(values))], [f"student layer {l}" for l in range(len(values))])
-    ax.set_title(f"{name} points: 5 L_L1 + 2 L_GIoU per student layer", fontsize=10); ax.legend(fontsize=8)
+    ax.set_title(f"{name} points: 5 L_L1 + 2 L_GIoU per student layer", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+axes[0].set_ylim(0, 1.3 * top)                      # room above the bars for the legend
 axes[0].set_ylabel("weighted box loss against the teacher's final layer")
 plt.show()
 '''))
 
 add(md(r'''
-Every student layer is pulled towards the teacher's *final* answer, so the early layers, furthest from it,
-usually carry the larger share (the figure shows how it is for these models): the deep supervision of DETR's
-auxiliary losses, with the teacher's predictions in place of the ground truth. The teacher's own early
+Every student layer is pulled towards the teacher's *final* answer: the deep supervision of DETR's
+auxiliary losses, with the teacher's predictions in place of the ground truth. One would expect the early
+layers, furthest from that answer, to carry the larger share; in these small decoders the three layers
+carry almost the same (the figure), because each layer moves the boxes only a little (the anchor
+refinement of §2), so the early layers' answers are already close to the final ones. The teacher's own early
 layers are never used.
 
 ## 5. Paper vs released code
@@ -1427,8 +1439,12 @@ again as the detector has per point set (specific + general points: twice the de
 configurations), and the student's passes are backpropagated. On DAB-DETR the decoder is a large part of
 the network, so where the terms of GID or DRKD are a small share of a student step at COCO-like scale (printed
 for comparison), KD-DETR's own work is of the order of a whole student step (the readings above). The
-compute-matched row of §7 is therefore the fair comparison, and the number of general points (`num_general`) is the knob that trades cost against
-coverage (§8).
+compute-matched row of §7 needs care: like every kdlab experiment, it trains the student alone `1 + r`
+times as long with `r` the teacher's forward only (measured 0.52 for these models; §7 prints it), so it does not pay for KD-DETR's own passes;
+matched to the whole KD-DETR step (about 2.5 to 3 student steps, above) the student alone would train longer
+still. A KD-DETR gain over the compute-matched row is therefore an upper bound on what the method buys per
+unit of compute on these models. The number of general points (`num_general`) is the knob that trades cost
+against coverage (§8).
 
 ## 8. Try it
 
