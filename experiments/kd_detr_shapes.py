@@ -39,6 +39,7 @@ if str(REPO) not in sys.path:  # run as a script from any directory without inst
 from kdlab.config import load_config  # noqa: E402
 from kdlab.data import build_dataset  # noqa: E402
 from kdlab.engine.experiment import (  # noqa: E402
+    DEFAULT_SEEDS,
     add_run_arguments,
     cached_teacher_cost_ratio,
     comparison_lines,
@@ -89,7 +90,7 @@ def variant_fields(variant: str, base_options: dict) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(DEFAULT_SEEDS))
     parser.add_argument("--seeds-for", nargs="+", default=[], metavar="ROW=S,S", dest="seeds_for_list",
                         help="other seeds for one row, e.g. kd_detr_unweighted=0")
     add_run_arguments(parser)

@@ -58,6 +58,7 @@ from kdlab.engine.experiment import add_run_arguments, comparison_lines  # noqa:
 from kdlab.engine.experiment import ensure_shapes, ensure_teacher, group_records, parse_run_arguments, parse_seeds_for  # noqa: E402
 from kdlab.engine.experiment import parse_teacher_costs, relative_to, results_table, run_fields  # noqa: E402
 from kdlab.engine.experiment import run_groups, run_rows, seeds_per_row, student_alone_fields  # noqa: E402
+from kdlab.engine.experiment import DEFAULT_SEEDS  # noqa: E402
 from kdlab.engine.experiment import mean_std  # noqa: E402, F401 (the tests read it here)
 
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -227,7 +228,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="use this teacher-forward / student-step ratio instead of measuring it, e.g. shapes=0.9")
     add_run_arguments(parser, quick_help="smoke test: seed 0 only, 1 epoch, no BCCD")
     args = parse_run_arguments(parser, argv, "ld_shapes", REPO)
-    explicit_seeds, args.seeds = args.seeds is not None, args.seeds or [0, 1, 2]
+    explicit_seeds, args.seeds = args.seeds is not None, args.seeds or list(DEFAULT_SEEDS)
     args.seeds_given = explicit_seeds  # --seeds 0 1 2 gives the 5-seed rows 3: a partial run, never published
     args.default_settings = [s for s in SETTINGS if SETTINGS[s].shapes or (SHARED_DATA / "bccd").is_dir() and not args.quick]
     if args.settings is None:

@@ -235,7 +235,7 @@ if missing:
         f"`configs/shapes_kd_detr_student.yaml`) and store its student.pt there with kdlab.demo.store_teacher, "
         f"or point KDLAB_NB05_CHECKPOINTS at a folder that holds them")
 if not (Path(DATA_ROOT) / "annotations" / "instances_val.json").exists():
-    make_shapes(DATA_ROOT, num_train=4000, num_val=250, seed=0)   # the default set, as `kdlab data shapes` makes it (~1 min)
+    make_shapes(DATA_ROOT)   # the default set, as `kdlab data shapes` makes it (~1 min)
 val_set = build_dataset(DATA_ROOT, "val", train=False, min_size=128, max_size=128, seed=SEED)
 class_names = val_set.class_names
 models = {name: load_detector(path) for name, path in checkpoints.items()}

@@ -482,7 +482,7 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
     return results
 
 
-DEFAULT_SEEDS = [0, 1, 2]  # every experiment script's default --seeds
+DEFAULT_SEEDS = [0, 1, 2]  # every experiment script's default --seeds (the scripts read it from here)
 
 
 def partial_selection(args: argparse.Namespace, labels: dict[str, str],
