@@ -227,6 +227,15 @@ def test_the_scripts_publish_only_the_default_selection():
     labels = {v: label for v, (label, _, _) in kd_detr.VARIANTS.items()}
     assert partial_selection(kd_detr.parse_args([]), labels) == ""
     assert partial_selection(kd_detr.parse_args(["--seeds", "0"]), labels) == "--seeds 0"
+    # the weighting ablation runs seed 0 only by default; --seeds 0 1 2 gives it 3 seeds, so that run is partial
+    from kdlab.engine.experiment import seeds_per_row
+
+    default = kd_detr.parse_args([])
+    rows = seeds_per_row("kd_detr", list(kd_detr.VARIANTS), default.seeds, default.seeds_for)
+    assert rows["kd_detr_unweighted"] == [0] and rows["kd_detr"] == rows["student"] == [0, 1, 2]
+    explicit = kd_detr.parse_args(["--seeds", "0", "1", "2"])
+    assert seeds_per_row("kd_detr", ["kd_detr_unweighted"], explicit.seeds, explicit.seeds_for) == {"kd_detr_unweighted": [0, 1, 2]}
+    assert partial_selection(explicit, labels) == "--seeds 0 1 2"
 
 
 @pytest.mark.slow
