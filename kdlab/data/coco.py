@@ -197,8 +197,10 @@ class CocoDetection(torch.utils.data.Dataset):
         if self.transforms is None:
             pixels = pixels.to(torch.float32) / 255.0
         else:
+            # the CPU generator only: fork_rng restores just that one, and torch.manual_seed would also (re)seed
+            # every accelerator's generator (a GPU run's dropout stream) and pay for it on each sample
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.sample_seed(index))
+                torch.default_generator.manual_seed(self.sample_seed(index))
                 pixels, target = self.transforms(pixels, target)
         pixels = pixels.as_subclass(Tensor)
         return pixels, {
