@@ -120,6 +120,35 @@ def test_run_writes_a_record_and_another_checkout_reuses_it(setup, monkeypatch):
     assert experiment.sources_line().startswith("Runs: 4 trained in this invocation; 1 read from run records")
 
 
+def test_an_identical_run_recorded_by_another_experiment_is_reused_not_retrained(setup, monkeypatch):
+    """GID's and DRKD's RetinaNet student alone are one run (same key): the second experiment copies the
+    first one's record (naming it in reused_from) instead of training; a different run still trains."""
+    cfg, tmp = setup
+    fake = FakeTrain()
+    monkeypatch.setattr(experiment, "train", fake)
+    monkeypatch.setattr(experiment, "RUN_SOURCES", experiment.collections.Counter())
+    root = tmp / "runs_root"
+    monkeypatch.setattr(experiment, "RECORDS_ROOT", root)
+    drkd = root / "drkd_shapes" / "retinanet" / "student" / "seed0.json"
+    first = experiment.run(cfg, drkd)
+    assert len(fake.calls) == 1
+    (root / "drkd_shapes" / "retinanet" / "teacher_cost.json").write_text(json.dumps({"ratio": 0.3}))
+    gid = root / "gid_shapes" / "retinanet" / "student" / "seed0.json"
+    elsewhere = dataclasses.replace(cfg, output_dir=str(tmp / "gid_out" / "student"))
+    assert experiment.run(elsewhere, gid) == first and len(fake.calls) == 1
+    copied, original = json.loads(gid.read_text()), json.loads(drkd.read_text())
+    assert copied["reused_from"] == "drkd_shapes/retinanet/student/seed0.json"
+    assert {k: v for k, v in copied.items() if k != "reused_from"} == original
+    assert ledger.read_record(gid, elsewhere, "cpu") is not None
+    assert experiment.RUN_SOURCES == {"trained": 1, "recorded": 1}
+    # another seed has no identical record anywhere: it trains
+    experiment.run(dataclasses.replace(elsewhere, seed=1, output_dir=str(tmp / "gid_out" / "s1")),
+                   root / "gid_shapes" / "retinanet" / "student" / "seed1.json")
+    assert len(fake.calls) == 2
+    assert ledger.find_same_run(root, dataclasses.replace(cfg, seed=5), "cpu") is None
+    assert ledger.find_same_run(root, cfg, "cpu", exclude=drkd) == gid
+
+
 def test_a_finished_folder_gets_its_record_and_bad_records_are_named(setup, monkeypatch):
     cfg, tmp = setup
     monkeypatch.setattr(experiment, "train", FakeTrain())

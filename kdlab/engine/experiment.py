@@ -40,6 +40,9 @@ from kdlab.eval import format_metric
 METRICS = ("AP", "AP50", "AP75", "APs", "APm")
 # how this process's runs were obtained: "trained", "folder" (finished in its output folder), "recorded" (run record)
 RUN_SOURCES: collections.Counter = collections.Counter()
+# every experiment's run records: a run missing from its own experiment's records is looked up here by key
+# (another experiment may have trained the identical run, e.g. a student alone two methods share)
+RECORDS_ROOT = Path(__file__).resolve().parents[2] / "experiments" / "results" / "runs"
 
 
 def make_config(base: Path, fields: dict) -> TrainConfig:
@@ -54,7 +57,9 @@ def run(cfg: TrainConfig, record: Path | None = None, fresh: bool = False,
     Args:
         cfg: the run.
         record: its run record (:mod:`kdlab.engine.ledger`): reused when it holds a run of ``cfg``, written
-            when the run finishes (or found finished in its folder); None: no record.
+            when the run finishes (or found finished in its folder); None: no record. When it does not hold
+            this run but another experiment's record under :data:`RECORDS_ROOT` does (same key: the identical
+            run), that record is copied here (``reused_from`` names it) and nothing trains.
         fresh: ignore an existing record (it is overwritten when the run finishes).
         needs_checkpoint: a later run reads this run's ``student.pt`` (a self-distilled row): a record
             cannot stand in for it, the run trains when its folder lacks the checkpoint.
@@ -79,6 +84,13 @@ def run(cfg: TrainConfig, record: Path | None = None, fresh: bool = False,
         if stored is not None:
             print(f"  {out}: AP {format_metric(stored['metrics'].get('AP'))} from the run record "
                   f"{record} ({stored.get('finished')}, commit {stored.get('kdlab_commit')})", flush=True)
+            RUN_SOURCES["recorded"] += 1
+            return stored["metrics"]
+        same_run = ledger.find_same_run(RECORDS_ROOT, cfg, device_type, exclude=record)
+        if same_run is not None:
+            stored = ledger.reuse_record(same_run, record, RECORDS_ROOT)
+            print(f"  {out}: AP {format_metric(stored['metrics'].get('AP'))} from the run record {same_run} of the "
+                  f"identical run (same key), copied to {record}", flush=True)
             RUN_SOURCES["recorded"] += 1
             return stored["metrics"]
         if record.is_file():

@@ -142,6 +142,43 @@ def read_record(path: Path, cfg: TrainConfig, device_type: str) -> dict | None:
     return record
 
 
+def find_same_run(root: Path, cfg: TrainConfig, device_type: str, exclude: Path | None = None) -> Path | None:
+    """A record under ``root`` (searched recursively) of the same run as ``cfg`` (same key), other than
+    ``exclude``; None when there is none.
+
+    Two experiments can train the identical run: e.g. GID's and DRKD's RetinaNet student alone are the same
+    config, seed and data, so the key is the same. The first finished record stands for both."""
+    if not root.is_dir():
+        return None
+    key = run_key(cfg, device_type)
+    skip = None if exclude is None else exclude.resolve()
+    for path in sorted(root.rglob("seed*.json")):
+        if skip is not None and path.resolve() == skip:
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue  # not a record this search can use; read_record reports a broken one where it is expected
+        if isinstance(record, dict) and record.get("format") == FORMAT and record.get("key") == key \
+                and "metrics" in record:
+            return path
+    return None
+
+
+def reuse_record(source: Path, path: Path, root: Path) -> dict:
+    """Copy the record at ``source`` (an identical run made by another experiment, :func:`find_same_run`)
+    to ``path``, atomically, naming its origin in ``reused_from`` (relative to ``root``); returns it."""
+    record = json.loads(source.read_text())
+    try:
+        origin = source.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        origin = str(source)
+    record["reused_from"] = origin
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_json(record, path)
+    return record
+
+
 def differing_fields(path: Path, cfg: TrainConfig, device_type: str) -> list[str]:
     """The key fields in which the record at ``path`` differs from ``cfg`` (why it was not reused)."""
     stored = json.loads(path.read_text()).get("key_fields", {})
@@ -157,6 +194,6 @@ def provenance_line(trained: int, folder: int, recorded: int) -> str:
     if folder:
         parts.append(f"{folder} read from finished runs in the output folder")
     if recorded:
-        parts.append(f"{recorded} read from run records (experiments/results/runs/; each computed by this script, "
-                     "with its command, commit, date and wall time)")
+        parts.append(f"{recorded} read from run records (experiments/results/runs/; each with the command that "
+                     "computed it, its commit, date and wall time)")
     return "Runs: " + ("; ".join(parts) if parts else "none") + "."
