@@ -206,23 +206,54 @@ def test_a_partial_selection_is_named_and_never_published():
 
 
 def test_the_scripts_publish_only_the_default_selection():
-    """``--seeds 0``, one setting or family, or LD's explicit ``--seeds 0 1 2`` (its 5-seed rows get 3) is partial:
-    such a run once replaced the published table with part of the experiment."""
+    """``--seeds 0`` or LD's explicit ``--seeds 0 1 2`` (its 5-seed rows get 3) is partial: such a run once
+    replaced the published table with part of the experiment. One setting or family with its default rows and
+    seeds is not: run_groups publishes it beside the other groups' published parts (complete_groups)."""
     from kdlab.engine.experiment import partial_selection
 
     ld = load_script("ld_shapes")
     default = ld.parse_args([])
-    assert partial_selection(default, ld.LABELS, ("settings", default.default_settings)) == ""
+    assert partial_selection(default, ld.LABELS) == ""
     for argv, expected in ((["--seeds", "0"], "--seeds 0"), (["--seeds", "0", "1", "2"], "--seeds 0 1 2"),
-                           (["--settings", "shapes"], "--settings shapes")):
+                           (["--settings", "shapes"], "")):
         args = ld.parse_args(argv)
-        assert partial_selection(args, ld.LABELS, ("settings", args.default_settings)) == expected, argv
+        assert partial_selection(args, ld.LABELS) == expected, argv
     for script in ("drkd_shapes", "gid_shapes"):
         module = load_script(script)
         families = list(module.FAMILIES)
-        assert partial_selection(module.parse_args([]), module.LABELS, ("families", families)) == ""
+        assert partial_selection(module.parse_args([]), module.LABELS) == ""
         args = module.parse_args(["--families", families[0], "--seeds", "0"])
-        assert partial_selection(args, module.LABELS, ("families", families)) == f"--families {families[0]}, --seeds 0"
+        assert partial_selection(args, module.LABELS) == "--seeds 0"
+        assert partial_selection(module.parse_args(["--families", families[0]]), module.LABELS) == ""
+
+
+def test_a_default_run_of_some_groups_publishes_them_beside_the_recorded_others(tmp_path):
+    """complete_groups: the groups run now, in the default order; a group published from run records is
+    carried over; one published before run records (possibly older code) is dropped and named pending."""
+    from kdlab.engine.experiment import complete_groups
+
+    published = tmp_path / "exp.json"
+    published.write_text(json.dumps({"settings": {"b": {"runs": {"student": {"0": {"AP": 0.2}}}, "from_records": True},
+                                                  "c": {"runs": {"student": {"0": {"AP": 0.9}}}}}}))
+    results = {"settings": {"a": {"runs": {"student": {0: {"AP": 0.1}}}}}}
+
+    def markdown(group, part, note):
+        return f"{group}{note}: " + ", ".join(f"{m['AP']}" for by_seed in part["runs"].values() for m in by_seed.values())
+
+    sections = complete_groups(results, "settings", ["b", "a", "c"], ["a: 0.1"], markdown, published)
+    assert list(results["settings"]) == ["b", "a"]
+    assert results["settings"]["a"]["from_records"] is True and results["pending"] == ["c"]
+    assert sections == ["b (as published before; not run in this invocation): 0.2", "a: 0.1",
+                        "Not in this table yet (no run of the current code): c."]
+    # nothing published yet, every group run: no pending list
+    fresh = {"settings": {"a": {"runs": {}}, "b": {"runs": {}}}}
+    assert complete_groups(fresh, "settings", ["a", "b"], ["A", "B"], markdown, tmp_path / "none.json") == ["A", "B"]
+    assert "pending" not in fresh
+
+
+def test_kd_detr_publishes_only_its_default_seeds():
+    from kdlab.engine.experiment import partial_selection
+
     kd_detr = load_script("kd_detr_shapes")
     labels = {v: label for v, (label, _, _) in kd_detr.VARIANTS.items()}
     assert partial_selection(kd_detr.parse_args([]), labels) == ""

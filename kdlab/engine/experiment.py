@@ -468,8 +468,9 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
     """An experiment's main loop: for each group (a family, a setting) and its rows, the rows' seeds
     (``row_seeds``, by default :func:`seeds_per_row` of ``args.seeds_for``), ``run_group(group, rows, seeds)``
     (its part of the results, ``results[key][group]``) and ``markdown(group, part, note)``; ``results.json``
-    after each group, then :func:`write_results` (published on a real run of the whole experiment: not on
-    a smoke test, nor on a :func:`partial_selection`, ``every_group`` the groups a default run covers)."""
+    after each group, then :func:`write_results` (published on a real run: not on a smoke test, nor on a
+    :func:`partial_selection` of rows or seeds; a default run of some of the
+    groups, ``every_group`` the groups a default run covers, publishes them with :func:`complete_groups`)."""
     seeds = [args.seeds[0]] if args.quick else args.seeds
     note = " — SMOKE TEST, not a result" if args.smoke else ""
     results = {"seeds": seeds, "smoke_test": args.smoke, "variants": labels, key: {}}
@@ -484,14 +485,53 @@ def run_groups(args: argparse.Namespace, key: str, groups: dict[str, list[str]],
         part["seeds"] = chosen
         sections.append(markdown(group, part, note))
         atomic_save_json(results, args.out / "results.json")
-    partial = partial_selection(args, labels, None if every_group is None else (key, every_group))
+    partial = partial_selection(args, labels)
+    publishing = not args.smoke and not partial
+    if publishing and every_group is not None:
+        sections = complete_groups(results, key, every_group, sections, markdown,
+                                   repo / "experiments" / "results" / f"{name}.json", args.records is not None)
     if partial and not args.smoke:
         print(f"a partial selection ({partial}): results in {args.out}; experiments/results/{name}.* not changed "
               "(a run of every row with the default seeds publishes)", flush=True)
     results["run_sources"] = dict(RUN_SOURCES)
     sections.append(sources_line())
-    write_results(results, sections, title, args.out, name, repo, not args.smoke and not partial)
+    write_results(results, sections, title, args.out, name, repo, publishing)
     return results
+
+
+def complete_groups(results: dict, key: str, every_group: list[str], sections: list[str],
+                    markdown: Callable[[str, dict, str], str], published: Path, from_records: bool = True) -> list[str]:
+    """A default run of some of an experiment's groups (e.g. ``--settings shapes``) publishes those groups.
+
+    Each other group keeps its part from the published file when that part was made with run records
+    (``part["from_records"]``: a later default run reproduces it from them); otherwise it is listed in
+    ``results["pending"]`` and in the markdown's last section (a part published before run records existed
+    may come from older code, and is not carried over). ``from_records``: whether this run's parts are.
+    Parts are put in ``every_group``'s order; returns the markdown sections in that order.
+    """
+    run_now = dict(zip(results[key], sections))
+    for part in results[key].values():
+        part["from_records"] = from_records
+    previous = json.loads(published.read_text()).get(key, {}) if published.is_file() else {}
+    parts, ordered, pending = {}, [], []
+    for group in every_group:
+        if group in run_now:
+            parts[group] = results[key][group]
+            ordered.append(run_now[group])
+        elif previous.get(group, {}).get("from_records"):
+            parts[group] = previous[group]
+            ordered.append(markdown(group, previous[group], " (as published before; not run in this invocation)"))
+        else:
+            pending.append(group)
+    for group in results[key]:  # a group beyond the default ones (e.g. BCCD chosen where it is optional)
+        if group not in parts:
+            parts[group] = results[key][group]
+            ordered.append(run_now[group])
+    results[key] = parts
+    if pending:
+        results["pending"] = pending
+        ordered.append("Not in this table yet (no run of the current code): " + ", ".join(pending) + ".")
+    return ordered
 
 
 DEFAULT_SEEDS = [0, 1, 2]  # every experiment script's default --seeds (the scripts read it from here)
@@ -500,8 +540,9 @@ DEFAULT_SEEDS = [0, 1, 2]  # every experiment script's default --seeds (the scri
 def partial_selection(args: argparse.Namespace, labels: dict[str, str],
                       groups: tuple[str, list[str]] | None = None) -> str:
     """What restricts a run to part of its experiment, or ``""``: a partial run must not overwrite the
-    published tables. Partial: a subset of the rows (``--variants``), of the groups (``groups``: the
-    option's name and the groups a default run covers, e.g. ``("settings", [...])``), seeds other than
+    published tables. Partial: a subset of the rows (``--variants``), of the groups when ``groups`` is given
+    (the option's name and the groups a default run covers, e.g. ``("settings", [...])``; :func:`run_groups`
+    does not pass it: a default run of some groups publishes them, :func:`complete_groups`), seeds other than
     the default ones or seeds given explicitly where the default gives some rows more
     (``args.seeds_given``), or ``--seeds-for``."""
     reasons = []
