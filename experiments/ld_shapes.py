@@ -14,7 +14,8 @@ Settings (METHODS.md §1), each with its own teacher:
 - ``bccd``: the same models on BCCD blood smears (``../shared/data/bccd``, 205 training images at
   320 x 240, batch 8), with a schedule of their own (:data:`BCCD_STUDENT`, :data:`BCCD_TEACHER`:
   36 epochs = 936 iterations for the student, warm-up 100; the student's AP is evaluated every 6
-  epochs so that the table shows whether it has plateaued); the teacher is trained first;
+  epochs so that the table shows whether it has plateaued); the teacher is trained first unless
+  ``data/checkpoints/bccd_gfl_teacher.pt`` exists (the project's, trained by this script, seed 0);
 - ``retinanet_dist`` / ``fcos_dist``: RetinaNet and FCOS whose box branch outputs edge distributions
   (``configs/shapes_{retinanet,fcos}_dist_r18.yaml``) with teachers of the same heads
   (``configs/shapes_{retinanet,fcos}_dist_teacher.yaml``, trained first unless
@@ -117,7 +118,8 @@ class Setting:
 SETTINGS: dict[str, Setting] = {
     "shapes": Setting("shapes, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
                       CHECKPOINTS / "shapes_gfl_teacher.pt", tuple(VARIANTS)),
-    "bccd": Setting("BCCD, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml", None,
+    "bccd": Setting("BCCD, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
+                    CHECKPOINTS / "bccd_gfl_teacher.pt",
                     ("student", "compute_matched", "main_ld", "main_ld_official", "kd_ld_vlr", "kd_ld_vlr_official",
                      "ld_released", "fine_grained"), BCCD_STUDENT, BCCD_TEACHER, shapes=False),
     "retinanet_dist": Setting("shapes, RetinaNet with a distribution box head", CONFIGS / "shapes_retinanet_dist_r18.yaml",
