@@ -22,8 +22,11 @@ backbone's update direction.
     python experiments/gid_terms.py                    # 300 iterations, measured every 25
     python experiments/gid_terms.py --iters 100 --every 10
 
+    python experiments/gid_terms.py --config configs/shapes_gid_faster_rcnn_student.yaml --iters 250
+
 Outputs: ``--out``/``results.{json,md}`` (default ``outputs/gid_terms``; every measurement and the
-means over measurements); ``--publish`` also writes ``experiments/results/gid_terms.{json,md}``.
+means over measurements); ``--publish`` also writes ``experiments/results/gid_terms.{json,md}``
+(``gid_terms_<model>.{json,md}`` for a student other than RetinaNet).
 """
 
 from __future__ import annotations
@@ -177,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
                "iterations": args.iters, "every": args.every, "warmup_iters": cfg.warmup_iters,
                "grad_clip": cfg.grad_clip, "weights": {k: v for k, v in cfg.distill_options.items() if k.endswith("weight")},
                "mean": summary(records), "mean_after_warmup": summary(records, cfg.warmup_iters), "records": records}
-    write_results(results, [markdown(results)], "GID's terms against the detection loss (RetinaNet student, shapes, "
-                  "GID full)", args.out, "gid_terms", REPO, args.publish)
+    family = {"retinanet": "RetinaNet", "fcos": "FCOS", "faster_rcnn": "Faster R-CNN"}.get(cfg.model, cfg.model)
+    # the RetinaNet measurement is experiments/results/gid_terms.*; another student's gets its own name
+    name = "gid_terms" if cfg.model == "retinanet" else f"gid_terms_{cfg.model}"
+    write_results(results, [markdown(results)], f"GID's terms against the detection loss ({family} student, shapes, "
+                  "GID full)", args.out, name, REPO, args.publish)
     return 0
 
 
