@@ -590,9 +590,29 @@ def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
         assert output.feature_strides == [4, 8, 16, 32, 64]
         assert output.dense_slots().response_rule == ("anchor_iou", 0.7)
     assert torch.equal(gid.last_response_mask, expected)
+    # each term alone reaches the student (Faster R-CNN: the response terms through the RPN head)
+    student_params = [p for p in student.parameters() if p.requires_grad]
+    for name in gid.weight_dict:
+        grads = torch.autograd.grad(terms[name], student_params, retain_graph=True, allow_unused=True)
+        assert sum(g.abs().sum() for g in grads if g is not None) > 0, name
     weighted_total(terms, task.weight_dict).backward()
     assert all(p.grad is None for p in task.teacher.parameters())
     assert gid.adapter.weight.grad is not None
+
+
+def test_rpn_slots_read_first_under_no_grad_keep_the_students_gradient():
+    # GISM reads the RPN slots under no_grad before GID's response loss reads them again: the cached
+    # slots must still lead back to the RPN head (they once did not, and the objectness term was inert)
+    student = tiny_zoo_detector("faster_rcnn", 16, 0)
+    images, targets = tiny_batch()
+    output = student(images, [(96, 96), (90, 96)], targets)
+    with torch.no_grad():
+        assert output.dense_slots().cls_logits.shape[-1] == 1
+    slots = output.dense_slots()
+    assert slots.cls_logits.grad_fn is not None and slots.box_regression.grad_fn is not None
+    slots.cls_logits.sum().backward()
+    assert student.rpn.head.cls_logits.weight.grad.abs().sum() > 0
+    assert student.rpn.head.bbox_pred.weight.grad is None  # the objectness alone: only its own layer
 
 
 def test_pooling_and_feature_loss_with_bfloat16_maps():

@@ -145,6 +145,13 @@ class TwoStageOutput(DetectorOutput):
 
     @cached_property
     def _rpn_slots(self) -> DenseOutput:
+        # built once and cached, whoever asks first: GISM asks under ``torch.no_grad()``, and a view made
+        # there would be cut from the graph for every later reader (GID's response loss on the RPN
+        # objectness got no gradient that way); ops on tensors without grad still build no graph
+        with torch.enable_grad():
+            return self._build_rpn_slots()
+
+    def _build_rpn_slots(self) -> DenseOutput:
         strides = torch.tensor(self.feature_strides, dtype=self.anchors.dtype, device=self.anchors.device)
         return DenseOutput(
             features=self.features, cls_logits=self.rpn_objectness[..., None], box_regression=self.rpn_deltas,
