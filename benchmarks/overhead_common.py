@@ -94,7 +94,8 @@ def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn
                          modules: list[nn.Module]) -> dict:
     """The three training steps timed side by side (:func:`rotating_times`: ``student``, ``student+teacher``
     and the distilled step ``name``; forward, loss, backward) and :func:`overhead_summary` of them. The
-    teacher stops after its FPN where the distilled task's methods read nothing else (DRKD)."""
+    teacher stops after its FPN where the distilled task's methods read nothing else (DRKD), after its dense
+    stage where they read no more (GID: a two-stage teacher skips its RoI head)."""
     from kdlab.models.base import weighted_total
 
     sizes = [tuple(image.shape[-2:]) for image in images]
@@ -103,12 +104,15 @@ def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn
         weighted_total(task(images, targets), task.weight_dict).backward()
 
     features_only = getattr(distilled_task, "teacher_features_only", False)
+    dense_only = getattr(distilled_task, "teacher_dense_only", False)
 
     def student_teacher_step():
         terms = task(images, targets)
         with torch.no_grad():
             if features_only:  # the method runs its teacher to the FPN only (DRKD)
                 teacher.forward_features(images, sizes)
+            elif dense_only:  # to its dense stage only (GID: a two-stage teacher stops after its RPN)
+                teacher.forward_dense(images, sizes)
             else:
                 teacher(images, sizes)
         weighted_total(terms, task.weight_dict).backward()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou, roi_align
 
+from kdlab.data.transforms import image_sizes_of
 from kdlab.distill.base import DistillationTask
 from kdlab.distill.common import pool_fpn_boxes
 from kdlab.distill.gid import GID, general_instance_kinds, response_mask, select_general_instances
@@ -598,6 +599,39 @@ def test_gid_on_the_zoo_detectors_uses_each_detectors_mask(family):
     weighted_total(terms, task.weight_dict).backward()
     assert all(p.grad is None for p in task.teacher.parameters())
     assert gid.adapter.weight.grad is not None
+
+
+def test_a_two_stage_teacher_stops_after_its_rpn_and_gid_is_unchanged():
+    # GID reads the teacher's FPN maps and RPN slots only: forward_dense gives exactly those of the full
+    # forward, the RoI head never runs, and every GID term is the same as with the full teacher forward
+    student, teacher = tiny_zoo_detector("faster_rcnn", 32, 0), tiny_zoo_detector("faster_rcnn", 64, 1).eval()
+    images, targets = tiny_batch()
+    sizes = [(96, 96), (90, 96)]
+    with torch.no_grad():
+        full, dense = teacher(images, sizes), teacher.forward_dense(images, sizes)
+    for name in ("rpn_objectness", "rpn_deltas", "anchors", "anchor_levels"):
+        assert torch.equal(getattr(full, name), getattr(dense, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(full.features, dense.features))
+    assert dense.num_anchors_per_level == full.num_anchors_per_level and dense.feature_strides == full.feature_strides
+    assert dense.rois_per_image == [0, 0] and dense.class_logits.shape[0] == 0 and sum(full.rois_per_image) > 0
+    assert torch.equal(dense.dense_slots().pred_boxes, full.dense_slots().pred_boxes)
+
+    gid = GID(student, teacher, min_size=2.0)
+    task = DistillationTask(student, teacher, gid)
+    assert task.teacher_dense_only and not task.teacher_features_only
+    torch.manual_seed(0)
+    expected = task(images, targets)  # the teacher runs to its RPN
+    calls = []
+    teacher.roi_heads.box_head.register_forward_hook(lambda *args: calls.append(1))
+    task(images, targets)
+    assert calls == []  # the RoI head never ran
+    task.teacher_forward = lambda images, targets, shared=None: teacher(images, image_sizes_of(targets))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        whole = task(images, targets)  # the same step with the teacher's full forward
+    assert calls  # this time it did
+    for name in gid.weight_dict:
+        torch.testing.assert_close(expected[name], whole[name], rtol=0, atol=0, msg=name)
 
 
 def test_rpn_slots_read_first_under_no_grad_keep_the_students_gradient():

@@ -193,6 +193,13 @@ def test_the_teacher_cost_follows_how_the_method_runs_its_teacher(setup, monkeyp
     assert experiment.teacher_forward_kind(dataclasses.replace(cfg, distill=None, distill_options={})) == "full"
     assert experiment.teacher_forward_kind(dataclasses.replace(cfg, distill="ld", distill_options={})) == "full"
     assert experiment.teacher_forward_kind(dataclasses.replace(cfg, distill="drkd+fitnet", distill_options={})) == "full"
+    # GID reads the teacher's dense stage: a two-stage teacher stops after its RPN, a one-stage one runs whole
+    gid = dataclasses.replace(cfg, distill="gid", distill_options={})
+    assert experiment.teacher_forward_kind(gid) == "full"
+    assert experiment.teacher_forward_kind(dataclasses.replace(gid, model="faster_rcnn")) == "dense"
+    assert experiment.teacher_forward_kind(dataclasses.replace(gid, model="fasterrcnn_resnet50_fpn_v2")) == "dense"
+    assert experiment.teacher_forward_kind(dataclasses.replace(gid, model="faster_rcnn", distill="drkd+gid")) == "dense"
+    assert experiment.teacher_forward_kind(dataclasses.replace(gid, model="faster_rcnn", distill="gid+fitnet")) == "full"
     measured = []
     monkeypatch.setattr(experiment, "teacher_cost_ratio", lambda c, t: measured.append(experiment.teacher_forward_kind(c)) or 0.5)
     cache = tmp / "teacher_cost.json"

@@ -36,6 +36,10 @@ class DistillCriterion(nn.Module):
     - ``teacher_features_only``: the method reads only the teacher's FPN maps; when every method of a
       task says so, the teacher stops after its FPN (:meth:`~kdlab.models.base.Detector.forward_features`:
       no heads, no post-processing; the same maps);
+    - ``teacher_dense_only``: the method reads only the teacher's FPN maps and its dense stage
+      (:meth:`~kdlab.models.outputs.DetectorOutput.dense_slots`); when every method of a task reads no
+      more, the teacher stops there (:meth:`~kdlab.models.base.Detector.forward_dense`: a two-stage
+      teacher skips its proposals and RoI head; a one-stage teacher runs as usual);
     - :meth:`shared_inputs`: keyword arguments fed to the forward of both models.
 
     Args:
@@ -48,6 +52,7 @@ class DistillCriterion(nn.Module):
     supported_kinds: tuple[str, ...] = ("dense", "two_stage", "set")
     teacher_needs_targets: bool = False
     teacher_features_only: bool = False
+    teacher_dense_only: bool = False
 
     def __init__(self, student: Detector, teacher: Detector):
         super().__init__()
@@ -126,15 +131,25 @@ class DistillationTask(DetectionTask):
         """Every method reads only the teacher's FPN maps (``DistillCriterion.teacher_features_only``)."""
         return all(c.teacher_features_only for c in self.distillers.values())
 
+    @property
+    def teacher_dense_only(self) -> bool:
+        """Every method reads at most the teacher's FPN maps and dense stage (``teacher_features_only`` or
+        ``teacher_dense_only``)."""
+        return all(c.teacher_features_only or c.teacher_dense_only for c in self.distillers.values())
+
     def teacher_forward(self, images: Tensor, targets: list[dict], shared: dict | None = None):
         """The teacher's output of this step, without gradient: its FPN maps only when every method reads
-        nothing else (``teacher_features_only``) and no method feeds it extra inputs, else its full output
-        (with its label assignment when a method needs it). Benchmarks time the teacher through this."""
+        nothing else (``teacher_features_only``), its dense stage only when no method reads more
+        (``teacher_dense_only``; Faster R-CNN: no proposals, no RoI head), provided no method feeds it extra
+        inputs or needs its label assignment; else its full output (with the assignment when a method
+        needs it). Benchmarks time the teacher through this."""
         sizes = image_sizes_of(targets)
+        needs_targets = any(c.teacher_needs_targets for c in self.distillers.values())
         with torch.no_grad():
             if not shared and self.teacher_features_only:
                 return self.teacher.forward_features(images, sizes)
-            needs_targets = any(c.teacher_needs_targets for c in self.distillers.values())
+            if not shared and not needs_targets and self.teacher_dense_only:
+                return self.teacher.forward_dense(images, sizes)
             return self.teacher(images, sizes, targets if needs_targets else None, **(shared or {}))
 
     def forward(self, images: Tensor, targets: list[dict]) -> dict[str, Tensor]:

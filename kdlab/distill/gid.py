@@ -92,6 +92,10 @@ class GID(DistillCriterion):
         student_channels, teacher_channels: FPN widths (``None``: read from the model).
     """
 
+    # GISM, the feature and relation terms read the teacher's FPN maps and the response terms its dense stage
+    # (Faster R-CNN: the RPN): a two-stage teacher skips its proposals and RoI head
+    teacher_dense_only = True
+
     name = "gid"
     method = "GID"
     supported_kinds = ("dense", "two_stage")

@@ -146,22 +146,35 @@ def teacher_metrics(cfg: TrainConfig, checkpoint: Path, cache: Path) -> dict[str
     return metrics
 
 
+def is_two_stage(model: str | None) -> bool:
+    """Whether the detector named ``model`` (a :data:`kdlab.models.DETECTORS` name) is a two-stage one."""
+    return model is not None and (model == "faster_rcnn" or model.startswith("fasterrcnn_"))
+
+
 def teacher_forward_kind(cfg: TrainConfig) -> str:
-    """How ``cfg``'s distillation runs its teacher: ``"features"`` when every method reads only the teacher's
-    FPN maps (``teacher_features_only``, e.g. DRKD: the teacher stops after its FPN), else ``"full"``."""
+    """How ``cfg``'s distillation runs its teacher (:meth:`kdlab.distill.base.DistillationTask.teacher_forward`):
+    ``"features"`` when every method reads only the teacher's FPN maps (``teacher_features_only``, e.g. DRKD:
+    the teacher stops after its FPN); ``"dense"`` when they read at most its dense stage
+    (``teacher_dense_only``, GID) and the teacher is two-stage (it stops after its RPN; a one-stage
+    teacher's dense stage is its full forward); else ``"full"``."""
     from kdlab.distill import METHODS, method_options
 
     if cfg.distill is None:
         return "full"
-    names = method_options(cfg.distill, cfg.distill_options)
-    return "features" if all(METHODS[name].teacher_features_only for name in names) else "full"
+    methods = [METHODS[name] for name in method_options(cfg.distill, cfg.distill_options)]
+    if all(m.teacher_features_only for m in methods):
+        return "features"
+    dense = all(m.teacher_features_only or m.teacher_dense_only for m in methods)
+    needs_targets = any(m.teacher_needs_targets for m in methods)
+    return "dense" if dense and not needs_targets and is_two_stage(cfg.teacher_model or cfg.model) else "full"
 
 
 def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, rounds: int = 8, warmup: int = 2) -> float:
     """``r = t(teacher forward) / t(student training step)``, medians over ``rounds`` interleaved
     measurements on real training batches of ``student_cfg`` (this process's threads and device). The
     teacher runs as ``student_cfg``'s distillation runs it (:func:`teacher_forward_kind`): only to its FPN
-    for a method that reads nothing else, so the compute-matched baseline pays what the method pays."""
+    (or its RPN) for a method that reads nothing more, so the compute-matched baseline pays what the method
+    pays."""
     from kdlab.data import build_dataset
     from kdlab.data.transforms import image_sizes_of
     from kdlab.engine.build import build_loader, build_student
@@ -176,7 +189,8 @@ def teacher_cost_ratio(student_cfg: TrainConfig, teacher_checkpoint: Path, round
     task = DetectionTask(build_student(student_cfg, dataset.num_classes)).to(device).train()
     teacher = load_detector(teacher_checkpoint, device).eval()
     optimizer = torch.optim.SGD(task.trainable_parameters(), lr=1e-6)
-    teacher_call = teacher.forward_features if teacher_forward_kind(student_cfg) == "features" else teacher
+    kind = teacher_forward_kind(student_cfg)
+    teacher_call = {"features": teacher.forward_features, "dense": teacher.forward_dense}.get(kind, teacher)
 
     def endless():  # the loader again and again: a small set may have fewer than warmup + rounds batches
         while True:

@@ -62,6 +62,13 @@ class Detector(nn.Module):
         return FeatureOutput(list(output.features), list(output.feature_strides), [tuple(s) for s in image_sizes],
                              type(self).__name__)
 
+    def forward_dense(self, images: Tensor, image_sizes: list[tuple[int, int]]):
+        """The output of :meth:`forward` as far as its dense stage, for a teacher whose methods read only its
+        FPN maps and that stage (:meth:`~kdlab.models.outputs.DetectorOutput.dense_slots`: GID). A one-stage
+        detector's dense stage is the whole detector, so this default is the plain forward; a two-stage
+        detector stops after its RPN (:meth:`kdlab.models.faster_rcnn.FasterRCNN.forward_dense`)."""
+        return self(images, image_sizes)
+
     def build_criterion(self) -> Criterion:  # pragma: no cover
         raise NotImplementedError
 

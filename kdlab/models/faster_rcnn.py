@@ -81,6 +81,40 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         features = list(self.backbone(images).values())
         return FeatureOutput(features, inferred_strides(features, image_sizes), image_sizes, type(self).__name__)
 
+    def forward_dense(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> TwoStageOutput:
+        """Backbone, FPN and the RPN head only (:meth:`kdlab.models.base.Detector.forward_dense`): the RPN's
+        objectness and deltas for every anchor, no proposals and no RoI head (their fields are empty). For
+        a teacher whose methods read only its FPN maps and RPN slots (GID): in eval mode the RoI head runs
+        on every proposal (1000 an image), which costs more than the rest of the forward."""
+        check_batch(type(self).__name__, images, image_sizes, None, self.num_classes, first_label=1 - self.label_offset)
+        image_sizes = normalise_image_sizes(image_sizes)
+        features = self.backbone(images)
+        feature_maps = list(features.values())
+        objectness_maps, delta_maps = self.rpn.head(feature_maps)
+        anchors = batch_anchors(self.rpn.anchor_generator, images, feature_maps)  # [A, 4]
+        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness_maps]
+        objectness, rpn_deltas = concat_box_prediction_layers(objectness_maps, delta_maps)  # [B*A, 1], [B*A, 4]
+        objectness, rpn_deltas = objectness.float(), rpn_deltas.float()
+        batch, channels = images.shape[0], feature_maps[0].shape[1]
+        levels = torch.repeat_interleave(
+            torch.arange(len(num_anchors_per_level), device=anchors.device),
+            torch.tensor(num_anchors_per_level, device=anchors.device),
+        )
+        none = [anchors.new_zeros((0, 4)) for _ in range(batch)]
+        representation = self.roi_heads.box_predictor.cls_score.in_features
+        num_columns = self.roi_heads.box_predictor.cls_score.out_features
+        return TwoStageOutput(
+            features=feature_maps, feature_names=list(features.keys()),
+            rpn_objectness=objectness.view(batch, -1), rpn_deltas=rpn_deltas.view(batch, -1, 4),
+            anchors=anchors, anchor_levels=levels, num_anchors_per_level=num_anchors_per_level,
+            proposals=none, proposal_scores=[anchors.new_zeros(0) for _ in range(batch)], rois=list(none),
+            roi_features=anchors.new_zeros((0, channels, 7, 7)), box_features=anchors.new_zeros((0, representation)),
+            class_logits=anchors.new_zeros((0, num_columns)), box_deltas=anchors.new_zeros((0, 4 * num_columns)),
+            image_sizes=image_sizes, label_offset=self.label_offset,
+            rpn_box_coder_weights=tuple(self.rpn.box_coder.weights),
+            rpn_positive_iou=float(self.rpn.proposal_matcher.high_threshold),
+        )
+
     def forward(
         self, images: Tensor, image_sizes: list[tuple[int, int]], targets: list[dict] | None = None
     ) -> TwoStageOutput:
