@@ -98,23 +98,12 @@ def time_distilled_steps(task: nn.Module, teacher: nn.Module, distilled_task: nn
     stage where they read no more (GID: a two-stage teacher skips its RoI head)."""
     from kdlab.models.base import weighted_total
 
-    sizes = [tuple(image.shape[-2:]) for image in images]
-
     def student_step():
         weighted_total(task(images, targets), task.weight_dict).backward()
 
-    features_only = getattr(distilled_task, "teacher_features_only", False)
-    dense_only = getattr(distilled_task, "teacher_dense_only", False)
-
     def student_teacher_step():
         terms = task(images, targets)
-        with torch.no_grad():
-            if features_only:  # the method runs its teacher to the FPN only (DRKD)
-                teacher.forward_features(images, sizes)
-            elif dense_only:  # to its dense stage only (GID: a two-stage teacher stops after its RPN)
-                teacher.forward_dense(images, sizes)
-            else:
-                teacher(images, sizes)
+        distilled_task.teacher_forward(images, targets)  # as far as the method runs it, without gradient
         weighted_total(terms, task.weight_dict).backward()
 
     def distilled_step():

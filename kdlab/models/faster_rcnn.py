@@ -81,6 +81,19 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         features = list(self.backbone(images).values())
         return FeatureOutput(features, inferred_strides(features, image_sizes), image_sizes, type(self).__name__)
 
+    def _rpn_head_outputs(self, images: Tensor, feature_maps: list[Tensor]):
+        """The RPN head on the FPN maps: objectness ``[B*A, 1]`` and deltas ``[B*A, 4]`` (float32, decoded in
+        float32 under bf16 autocast), the anchors ``[A, 4]``, the anchors per level and each anchor's level."""
+        objectness_maps, delta_maps = self.rpn.head(feature_maps)
+        anchors = batch_anchors(self.rpn.anchor_generator, images, feature_maps)  # [A, 4]
+        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness_maps]
+        objectness, rpn_deltas = concat_box_prediction_layers(objectness_maps, delta_maps)  # [B*A, 1], [B*A, 4]
+        levels = torch.repeat_interleave(
+            torch.arange(len(num_anchors_per_level), device=anchors.device),
+            torch.tensor(num_anchors_per_level, device=anchors.device),
+        )
+        return objectness.float(), rpn_deltas.float(), anchors, num_anchors_per_level, levels
+
     def forward_dense(self, images: Tensor, image_sizes: list[tuple[int, int]]) -> TwoStageOutput:
         """Backbone, FPN and the RPN head only (:meth:`kdlab.models.base.Detector.forward_dense`): the RPN's
         objectness and deltas for every anchor, no proposals and no RoI head (their fields are empty). For
@@ -90,16 +103,8 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         image_sizes = normalise_image_sizes(image_sizes)
         features = self.backbone(images)
         feature_maps = list(features.values())
-        objectness_maps, delta_maps = self.rpn.head(feature_maps)
-        anchors = batch_anchors(self.rpn.anchor_generator, images, feature_maps)  # [A, 4]
-        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness_maps]
-        objectness, rpn_deltas = concat_box_prediction_layers(objectness_maps, delta_maps)  # [B*A, 1], [B*A, 4]
-        objectness, rpn_deltas = objectness.float(), rpn_deltas.float()
+        objectness, rpn_deltas, anchors, num_anchors_per_level, levels = self._rpn_head_outputs(images, feature_maps)
         batch, channels = images.shape[0], feature_maps[0].shape[1]
-        levels = torch.repeat_interleave(
-            torch.arange(len(num_anchors_per_level), device=anchors.device),
-            torch.tensor(num_anchors_per_level, device=anchors.device),
-        )
         none = [anchors.new_zeros((0, 4)) for _ in range(batch)]
         representation = self.roi_heads.box_predictor.cls_score.in_features
         num_columns = self.roi_heads.box_predictor.cls_score.out_features
@@ -135,11 +140,7 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         feature_maps = list(features.values())
 
         # stage 1: RPN
-        objectness_maps, delta_maps = self.rpn.head(feature_maps)
-        anchors = batch_anchors(self.rpn.anchor_generator, images, feature_maps)  # [A, 4]
-        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness_maps]
-        objectness, rpn_deltas = concat_box_prediction_layers(objectness_maps, delta_maps)  # [B*A, 1], [B*A, 4]
-        objectness, rpn_deltas = objectness.float(), rpn_deltas.float()  # decode in float32 under bf16 autocast
+        objectness, rpn_deltas, anchors, num_anchors_per_level, levels = self._rpn_head_outputs(images, feature_maps)
         batch = images.shape[0]
         proposals = self.rpn.box_coder.decode(rpn_deltas.detach(), [anchors] * batch).view(batch, -1, 4)
         proposals, proposal_scores = self.rpn.filter_proposals(
@@ -165,10 +166,6 @@ class FasterRCNN(tv_faster_rcnn.FasterRCNN, Detector):
         class_logits, box_deltas = self.roi_heads.box_predictor(box_features)  # [R, K], [R, 4K]
         class_logits, box_deltas = class_logits.float(), box_deltas.float()
 
-        levels = torch.repeat_interleave(
-            torch.arange(len(num_anchors_per_level), device=anchors.device),
-            torch.tensor(num_anchors_per_level, device=anchors.device),
-        )
         return TwoStageOutput(
             features=feature_maps,
             feature_names=list(features.keys()),
