@@ -1,5 +1,6 @@
 """The experiment scripts: argument handling, tables, and (slow) smoke runs of one iteration on a tiny shapes set."""
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -119,8 +120,12 @@ def test_ld_markdown_pairs_full_ld_with_imitation_over_shared_seeds():
 
 # ----------------------------------------------------------------------------- smoke tests (a few runs of 1 iteration)
 @pytest.mark.slow
-def test_ld_script_smoke_test(tiny_shapes, tmp_path):
+def test_ld_script_smoke_test(tiny_shapes, tmp_path, monkeypatch):
     ld = load_script("ld_shapes")
+    # the project's retinanet_dist teacher is in data/checkpoints; pretend it is not, so that the script
+    # trains it first (fcos_dist uses the committed one)
+    monkeypatch.setitem(ld.SETTINGS, "retinanet_dist", dataclasses.replace(ld.SETTINGS["retinanet_dist"],
+                                                                           teacher_checkpoint=tmp_path / "absent.pt"))
     assert ld.main(["--quick", "--max-iters", "2", "--data-root", str(tiny_shapes), "--out", str(tmp_path),
                     "--device", "cpu", "--teacher-cost", "retinanet_dist=0.5", "fcos_dist=0.5"]) == 0
     text = (tmp_path / "results.md").read_text()
@@ -131,6 +136,7 @@ def test_ld_script_smoke_test(tiny_shapes, tmp_path):
     assert results["settings"]["shapes"]["teacher_cost_ratio"] > 0  # measured (and cached)
     assert (tmp_path / "shapes" / "teacher_cost.json").is_file()
     assert (tmp_path / "retinanet_dist" / "teacher" / "student.pt").is_file()  # the teacher trained first
+    assert results["settings"]["fcos_dist"]["teacher_checkpoint"] == "data/checkpoints/shapes_fcos_dist_teacher.pt"
     assert "over the compute-matched student" in text
 
 
