@@ -29,7 +29,8 @@ each at kdlab's normalisation with its calibrated default weights (``experiments
 and at the released code's scale (``variant="official"``, 2 images per GPU, the published weights);
 the released recipe (``distill: ld_released``: LD at the released scale + fine-grained imitation,
 weight 2.0); FitNets and fine-grained imitation; self-LD (teacher = the student-alone run of the same
-seed). Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
+seed); on BCCD and the distribution-head students also Main KD alone (the full recipe's class KD, to
+tell which term carries its gain where Main LD alone adds nothing). Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
 (full LD, fine-grained imitation, and the student alone they are compared with): :data:`DEFAULT_SEEDS_FOR`.
 
 Every distilled run uses the schedule, seed and data order of its student-alone run. Finished runs
@@ -72,12 +73,14 @@ KDLAB_SCALE = {"main_ld_weight": CALIBRATED_LD_WEIGHTS["loss_ld"], "vlr_ld_weigh
 RELEASED_SCALE = {"variant": "official", "images_per_gpu": 2, "vlr_rule": "iof_diou",  # the released code's loss
                   "main_ld_weight": PUBLISHED_LD_WEIGHTS["loss_ld"], "vlr_ld_weight": PUBLISHED_LD_WEIGHTS["loss_ld_vlr"]}
 MAIN_LD_ONLY = {"vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
+MAIN_KD_ONLY = {"main_ld_weight": 0.0, "vlr_ld_weight": 0.0}  # the class KD of the full recipe, weight 10, T = 2
 # row -> (label, distill (None: the student alone), distill_options)
 VARIANTS: dict[str, tuple[str, str | None, dict]] = {
     "student": ("student alone", None, {}),
     "compute_matched": ("student alone, trained 1 + r times as long (compute-matched)", None, {}),
     "main_ld": ("Main LD (kdlab scale, calibrated weight)", "ld", {**KDLAB_SCALE, **MAIN_LD_ONLY}),
     "main_ld_official": ("Main LD, released-code scale (2 img/GPU)", "ld", {**RELEASED_SCALE, **MAIN_LD_ONLY}),
+    "main_kd": ("Main KD alone (class KD on the positives, published weight 10)", "ld", MAIN_KD_ONLY),
     "kd_ld_vlr": ("Main KD + Main LD + VLR LD (kdlab scale, calibrated weights)", "ld", KDLAB_SCALE),
     "kd_ld_vlr_official": ("Main KD + Main LD + VLR LD, released-code scale (2 img/GPU)", "ld", RELEASED_SCALE),
     "ld_released": ("released recipe: LD at 2 img/GPU + fine-grained imitation (ld_released)", "ld_released",
@@ -117,18 +120,18 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {
     "shapes": Setting("shapes, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
-                      CHECKPOINTS / "shapes_gfl_teacher.pt", tuple(VARIANTS)),
+                      CHECKPOINTS / "shapes_gfl_teacher.pt", tuple(v for v in VARIANTS if v != "main_kd")),
     "bccd": Setting("BCCD, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
                     CHECKPOINTS / "bccd_gfl_teacher.pt",
-                    ("student", "compute_matched", "main_ld", "main_ld_official", "kd_ld_vlr", "kd_ld_vlr_official",
-                     "ld_released", "fine_grained"), BCCD_STUDENT, BCCD_TEACHER, shapes=False),
+                    ("student", "compute_matched", "main_ld", "main_ld_official", "main_kd", "kd_ld_vlr",
+                     "kd_ld_vlr_official", "ld_released", "fine_grained"), BCCD_STUDENT, BCCD_TEACHER, shapes=False),
     "retinanet_dist": Setting("shapes, RetinaNet with a distribution box head", CONFIGS / "shapes_retinanet_dist_r18.yaml",
                               CONFIGS / "shapes_retinanet_dist_teacher.yaml",
                               CHECKPOINTS / "shapes_retinanet_dist_teacher.pt",
-                              ("student", "compute_matched", "main_ld", "kd_ld_vlr")),
+                              ("student", "compute_matched", "main_ld", "main_kd", "kd_ld_vlr")),
     "fcos_dist": Setting("shapes, FCOS with a distribution box head", CONFIGS / "shapes_fcos_dist_r18.yaml",
                          CONFIGS / "shapes_fcos_dist_teacher.yaml", CHECKPOINTS / "shapes_fcos_dist_teacher.pt",
-                         ("student", "compute_matched", "main_ld", "kd_ld_vlr")),
+                         ("student", "compute_matched", "main_ld", "main_kd", "kd_ld_vlr")),
 }
 FIVE = [0, 1, 2, 3, 4]
 DEFAULT_SEEDS_FOR = {"shapes/student": FIVE, "shapes/kd_ld_vlr": FIVE, "shapes/fine_grained": FIVE}

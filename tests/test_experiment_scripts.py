@@ -79,6 +79,9 @@ def test_ld_rows_seeds_and_settings():
     for setting in ld.SETTINGS.values():
         assert setting.variants[:2] == ("student", "compute_matched") and "main_ld" in setting.variants
     assert {"main_ld_official", "kd_ld_vlr_official", "ld_released"} <= set(ld.SETTINGS["bccd"].variants)
+    # Main KD alone where Main LD alone added nothing (BCCD, the distribution-head students), not on shapes
+    assert all("main_kd" in ld.SETTINGS[s].variants for s in ("bccd", "retinanet_dist", "fcos_dist"))
+    assert "main_kd" not in ld.SETTINGS["shapes"].variants
     # BCCD's schedule: the warm-up ends well inside the run (26 iterations an epoch)
     assert ld.BCCD_STUDENT["warmup_iters"] < 0.2 * 26 * ld.BCCD_STUDENT["epochs"]
 
@@ -95,6 +98,9 @@ def test_ld_row_fields():
     assert ld.row_fields("kd_ld_vlr", 0, out, teacher)["distill_options"] == {"main_ld_weight": 2.0, "vlr_ld_weight": 3.25}
     assert ld.row_fields("main_ld", 0, out, teacher)["distill_options"] == {
         "main_ld_weight": 2.0, "vlr_ld_weight": 0.0, "main_kd_weight": 0.0}
+    # Main KD alone: both LD terms off, the class KD at its default weight (the full recipe's)
+    main_kd = ld.row_fields("main_kd", 0, out, teacher)
+    assert main_kd["distill"] == "ld" and main_kd["distill_options"] == {"main_ld_weight": 0.0, "vlr_ld_weight": 0.0}
     recipe = ld.row_fields("ld_released", 1, out, teacher)
     assert recipe["distill"] == "ld_released" and recipe["output_dir"] == "/runs/shapes/ld_released/seed1"
     assert recipe["distill_options"] == {"ld": {"vlr_rule": "iof_diou"}}
@@ -132,7 +138,8 @@ def test_ld_script_smoke_test(tiny_shapes, tmp_path, monkeypatch):
     for setting in ("shapes", "retinanet_dist", "fcos_dist"):
         assert f"### {setting}: " in text and "SMOKE TEST" in text
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["settings"]["shapes"]["runs"]) == set(ld.VARIANTS)
+    assert set(results["settings"]["shapes"]["runs"]) == set(ld.SETTINGS["shapes"].variants)
+    assert set(results["settings"]["fcos_dist"]["runs"]) == {"student", "compute_matched", "main_ld", "main_kd", "kd_ld_vlr"}
     assert results["settings"]["shapes"]["teacher_cost_ratio"] > 0  # measured (and cached)
     assert (tmp_path / "shapes" / "teacher_cost.json").is_file()
     assert (tmp_path / "retinanet_dist" / "teacher" / "student.pt").is_file()  # the teacher trained first

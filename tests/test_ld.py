@@ -382,6 +382,10 @@ def test_weights_switch_terms_and_published_defaults(models):
     terms = main_only(_toy_output(1, seed=0), _toy_output(1, seed=1), [])
     assert set(terms) == {"loss_ld"} and main_only.weight_dict["loss_ld"] == 2.0
     assert LD(*models, main_ld_weight=0.25).weight_dict["loss_ld"] == 0.25  # an explicit weight wins
+    # Main KD alone (experiments/ld_shapes.py's main_kd row): only the class KD term is computed
+    kd_only = LD(*models, main_ld_weight=0, vlr_ld_weight=0)
+    assert kd_only.weight_dict == {"loss_kd": 10.0}
+    assert set(kd_only(_toy_output(1, seed=0), _toy_output(1, seed=1), [])) == {"loss_kd"}
 
 
 def test_kdlab_weights_are_the_published_ones_times_the_measured_ratio(models):
