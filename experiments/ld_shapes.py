@@ -201,7 +201,8 @@ def markdown(name: str, part: dict, note: str) -> str:
             gain = part["table"][full]["AP"][0] - part["table"]["student"]["AP"][0]
             lines.append(f"- {LABELS[full]}: target >= +{TARGET_GAIN} AP over the student alone "
                          f"{'met' if gain >= TARGET_GAIN else 'NOT met'}")
-        for imitation in (v for v in IMITATION if v in runs):
+        # against the imitation baselines, and against Main KD alone (what the LD terms add to the class KD)
+        for imitation in (v for v in (*IMITATION, "main_kd") if v in runs):
             mean, std, shared = paired_difference(runs, full, imitation)
             if not shared:
                 continue

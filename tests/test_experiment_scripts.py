@@ -112,7 +112,8 @@ def test_ld_markdown_pairs_full_ld_with_imitation_over_shared_seeds():
     runs = {"student": {s: metrics(0.07) for s in range(3)},
             "compute_matched": {s: metrics(0.08) for s in range(3)},
             "kd_ld_vlr": {s: metrics(ap) for s, ap in enumerate([0.10, 0.09, 0.11, 0.095, 0.10])},
-            "fine_grained": {s: metrics(ap) for s, ap in enumerate([0.09, 0.095, 0.09, 0.09, 0.092])}}
+            "fine_grained": {s: metrics(ap) for s, ap in enumerate([0.09, 0.095, 0.09, 0.09, 0.092])},
+            "main_kd": {s: metrics(ap) for s, ap in enumerate([0.08, 0.094, 0.09])}}
     part = {"title": "shapes, GFL", "teacher": metrics(0.2), "runs": runs, "teacher_cost_ratio": 1.2,
             "table": {v: ld.mean_std(r) for v, r in runs.items()},
             "student_curves": {"0": {6: 5.0, 12: 6.5}, "1": {6: 5.2, 12: 6.7}}}
@@ -121,6 +122,9 @@ def test_ld_markdown_pairs_full_ld_with_imitation_over_shared_seeds():
     assert "+2.9 AP over the student alone, +1.9 over the compute-matched student (beats it)" in text
     # paired over seeds 0-4: differences +1.0, -0.5, +2.0, +0.5, +0.8 -> mean +0.8, std 0.9: within one std
     assert "paired over seeds [0, 1, 2, 3, 4]: +0.8 ± 0.9 AP (not resolved: the difference is within one std)" in text
+    # against Main KD alone, over its seeds 0-2: +2.0, -0.4, +2.0 -> +1.2 ± 1.4
+    assert "− Main KD alone (class KD on the positives, published weight 10), paired over seeds [0, 1, 2]: " \
+           "+1.2 ± 1.4 AP (not resolved" in text
     assert "AP during training (mean over seeds): epoch 6: 5.1, epoch 12: 6.6" in text
 
 
