@@ -29,8 +29,7 @@ each at kdlab's normalisation with its calibrated default weights (``experiments
 and at the released code's scale (``variant="official"``, 2 images per GPU, the published weights);
 the released recipe (``distill: ld_released``: LD at the released scale + fine-grained imitation,
 weight 2.0); FitNets and fine-grained imitation; self-LD (teacher = the student-alone run of the same
-seed); on BCCD and the distribution-head students also Main KD alone (the full recipe's class KD, to
-tell which term carries its gain where Main LD alone adds nothing). Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
+seed); Main KD alone (the full recipe's class KD without the LD terms: which term carries its gain). Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
 (full LD, fine-grained imitation, and the student alone they are compared with): :data:`DEFAULT_SEEDS_FOR`.
 
 Every distilled run uses the schedule, seed and data order of its student-alone run. Finished runs
@@ -120,7 +119,7 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {
     "shapes": Setting("shapes, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
-                      CHECKPOINTS / "shapes_gfl_teacher.pt", tuple(v for v in VARIANTS if v != "main_kd")),
+                      CHECKPOINTS / "shapes_gfl_teacher.pt", tuple(VARIANTS)),
     "bccd": Setting("BCCD, GFL", CONFIGS / "shapes_gfl_student.yaml", CONFIGS / "shapes_gfl_teacher.yaml",
                     CHECKPOINTS / "bccd_gfl_teacher.pt",
                     ("student", "compute_matched", "main_ld", "main_ld_official", "main_kd", "kd_ld_vlr",
