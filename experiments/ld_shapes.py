@@ -29,7 +29,8 @@ each at kdlab's normalisation with its calibrated default weights (``experiments
 and at the released code's scale (``variant="official"``, 2 images per GPU, the published weights);
 the released recipe (``distill: ld_released``: LD at the released scale + fine-grained imitation,
 weight 2.0); FitNets and fine-grained imitation; self-LD (teacher = the student-alone run of the same
-seed); Main KD alone (the full recipe's class KD without the LD terms: which term carries its gain). Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
+seed); Main KD alone (the full recipe's class KD without the LD terms: which term carries its gain).
+Seeds are chosen per row: 3 by default, 5 for the rows whose difference was within one std
 (full LD, fine-grained imitation, and the student alone they are compared with): :data:`DEFAULT_SEEDS_FOR`.
 
 Every distilled run uses the schedule, seed and data order of its student-alone run. Finished runs
@@ -201,14 +202,14 @@ def markdown(name: str, part: dict, note: str) -> str:
             lines.append(f"- {LABELS[full]}: target >= +{TARGET_GAIN} AP over the student alone "
                          f"{'met' if gain >= TARGET_GAIN else 'NOT met'}")
         # against the imitation baselines, and against Main KD alone (what the LD terms add to the class KD)
-        for imitation in (v for v in (*IMITATION, "main_kd") if v in runs):
-            mean, std, shared = paired_difference(runs, full, imitation)
+        for baseline in (v for v in (*IMITATION, "main_kd") if v in runs):
+            mean, std, shared = paired_difference(runs, full, baseline)
             if not shared:
                 continue
             spread = "" if std is None else f" ± {std:.1f}"
             verdict = ("not resolved: the difference is within one std" if std is not None and abs(mean) <= std
                        else "better" if mean > 0 else "worse")
-            lines.append(f"- {LABELS[full]} − {LABELS[imitation]}, paired over seeds {shared}: "
+            lines.append(f"- {LABELS[full]} − {LABELS[baseline]}, paired over seeds {shared}: "
                          f"{mean:+.1f}{spread} AP ({verdict})")
     curves = {seed: curve for seed, curve in part.get("student_curves", {}).items() if len(curve) > 1}
     if curves:
